@@ -1,0 +1,14 @@
+"""mini-transformer: small decoder-only language models, trained, fine-tuned, quantized, sampled."""
+
+from .config import (
+    AdvancedConfig, Config, DataConfig, GenerationConfig, ModelConfig, TrainingConfig, load_config,
+)
+from .errors import UserError
+from .model import KVCache, Transformer, TransformerOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdvancedConfig", "Config", "DataConfig", "GenerationConfig", "KVCache", "ModelConfig",
+    "TrainingConfig", "Transformer", "TransformerOutput", "UserError", "load_config",
+]

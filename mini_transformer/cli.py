@@ -1,0 +1,70 @@
+"""The ``mini-transformer`` command: one entry point, one subcommand per job.
+
+Each subcommand lives in ``mini_transformer/commands/<name>.py`` and provides
+``register(subparsers)``. A mistake the user can fix (:class:`UserError`) is printed as one
+line on stderr with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UserError
+
+COMMANDS = ("prepare", "train", "finetune", "generate", "profile", "bench", "quantize", "merge", "plot")
+
+EPILOG = """\
+examples:
+  mini-transformer profile --preset small
+  mini-transformer prepare --input data/input.txt --tokenizer char --out data/shakespeare_char
+  mini-transformer train --config config.yaml --training.max_iters 100
+  mini-transformer generate --prompt "Once upon a time" --max_tokens 200
+
+Run `mini-transformer COMMAND --help` for the options of each command.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mini-transformer",
+        description="Train, fine-tune, quantize and sample small decoder-only language models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        module_name = f"mini_transformer.commands.{name}"
+        if importlib.util.find_spec(module_name) is None:  # a command not built yet
+            continue
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns (and, as a console script, exits with) the status code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        status = args.run(args, extra)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(status or 0)
+
+
+def run_as_script(command: str) -> None:
+    """Entry for the root scripts (``python train.py ...``): ``mini-transformer COMMAND ...``."""
+    sys.exit(main([command, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``mini-transformer`` CLI, one module each (see ``cli.COMMANDS``)."""

@@ -1,0 +1,68 @@
+"""Device and precision choices: what ``device: auto`` and ``dtype: auto`` mean on this machine."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {spec!r} requested but CUDA is not available; use --training.device cpu")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU multiplies bf16 matrices in hardware (AMX or AVX-512 BF16)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "AMX" in capability or "AVX512_BF16" in capability or _cpuinfo_has(("amx_bf16", "avx512_bf16"))
+
+
+def _cpuinfo_has(flags: tuple[str, ...]) -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return False
+    return any(flag in text for flag in flags)
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 where the hardware runs it fast (recent CUDA GPUs, AMX CPUs), else fp32."""
+    if spec == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_fast_bf16():
+            return torch.bfloat16
+        return torch.float32
+    dtype = DTYPES[spec]
+    if dtype is torch.float16 and device.type == "cpu":
+        raise UserError("dtype fp16 needs a CUDA device; on CPU use bf16 (fast with AMX) or fp32")
+    return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass; a no-op in fp32. Weights stay fp32."""
+    if dtype is torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]

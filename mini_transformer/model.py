@@ -1,0 +1,354 @@
+r"""The decoder-only Transformer: RoPE, pre-norm, SwiGLU, MHA/GQA/MQA attention, a KV-cache.
+
+This module knows nothing of training, data, generation or the command line.
+
+Shapes in comments: B batch, T new tokens in this call, L keys visible (cache length),
+H query heads, K key/value heads, D head dim, C = d_model.
+
+Attention variants, by how many query heads share one key/value head::
+
+    MHA (n_kv_heads = n_heads)   GQA (1 < n_kv_heads < n_heads)   MQA (n_kv_heads = 1)
+    q: | | | | | | | |           q: | | | | | | | |                q: | | | | | | | |
+    kv:| | | | | | | |           kv: \_/ \_/ \_/ \_/               kv: \_____________/
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+try:  # FlashAttention-2: CUDA only, optional.
+    from flash_attn import flash_attn_func as _flash_attn_func  # type: ignore[import-not-found]
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _flash_attn_func = None
+
+
+def flash_attn_available() -> bool:
+    return _flash_attn_func is not None
+
+
+class TransformerOutput(NamedTuple):
+    """What :meth:`Transformer.forward` returns; unpacks as ``logits, loss, hidden_states``."""
+
+    logits: torch.Tensor  # (B, T, vocab) or (B, logits_to_keep, vocab)
+    loss: Optional[torch.Tensor]  # mean cross-entropy when targets are given
+    hidden_states: torch.Tensor  # (B, T, C): the final hidden states, after the final norm
+
+
+# -- rotary embeddings ----------------------------------------------------------------------
+
+def rope_cache(max_positions: int, head_dim: int, base: float, device=None,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, (max_positions, head_dim), in the "rotate half" layout of Llama/HF."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
+    positions = torch.arange(max_positions, device=device, dtype=torch.float64)
+    angles = torch.outer(positions, inv_freq)  # (P, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (P, D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, heads, T, D) by position. ``cos``/``sin`` are (T, D) or (B, 1, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+# -- KV-cache -------------------------------------------------------------------------------
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for one attention layer, written at the given positions."""
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, K, T, D) at ``input_pos`` (T,); return the whole cache (B, K, L, D)."""
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+# -- layers ---------------------------------------------------------------------------------
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with RoPE; ``n_kv_heads`` selects MHA, GQA or MQA."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.kv_heads
+        self.head_dim = config.head_dim
+        self.attention = config.attention
+        if self.attention == "flash" and not flash_attn_available():
+            raise ValueError("attention='flash' needs the flash-attn package and a CUDA device; "
+                             "use attention: auto or sdpa")
+        # One fused projection for q, k and v: a single matmul instead of three.
+        qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.qkv = nn.Linear(config.d_model, qkv_out, bias=config.bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        attn_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        B, T, C = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+
+        is_causal = True
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, K, L, D), L = cache length
+            # Keys at cache slots after the newest position are stale: mask them.
+            # mask[t, l] is True where query t (at slot input_pos[t]) may attend key slot l.
+            slots = torch.arange(k.shape[2], device=x.device)
+            mask = slots[None, :] <= input_pos[:, None]  # (T, L)
+            mask = mask[None, None]  # (1, 1, T, L)
+            if attn_mask is not None:
+                mask = mask & attn_mask[:, None, None, :]  # per-row key padding, (B, 1, T, L)
+            attn_mask, is_causal = mask, False
+        elif attn_mask is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            attn_mask, is_causal = causal[None, None] & attn_mask[:, None, None, :], False
+
+        dropout_p = self.attn_dropout.p if self.training else 0.0
+        weights = None
+        if need_weights or self.attention == "math":
+            y, weights = self._math_attention(q, k, v, attn_mask, is_causal, dropout_p)
+        elif self._use_flash(x, attn_mask):
+            y = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                 dropout_p=dropout_p, causal=True).transpose(1, 2)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                               is_causal=is_causal, enable_gqa=K != H)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.proj(y)), weights
+
+    def _use_flash(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> bool:
+        if self.attention not in ("auto", "flash") or _flash_attn_func is None:
+            return False
+        return x.is_cuda and attn_mask is None and x.dtype in (torch.float16, torch.bfloat16)
+
+    def _math_attention(self, q, k, v, attn_mask, is_causal, dropout_p):
+        """Explicit softmax(q k^T / sqrt(D)) v. Returns the output and the weights (B, H, T, L)."""
+        H, K = q.shape[1], k.shape[1]
+        if K != H:
+            k = k.repeat_interleave(H // K, dim=1)
+            v = v.repeat_interleave(H // K, dim=1)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, L)
+        if is_causal:
+            T, L = scores.shape[-2:]
+            attn_mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        weights = torch.softmax(scores.float(), dim=-1).type_as(q)
+        y = F.dropout(weights, p=dropout_p, training=dropout_p > 0) @ v
+        return y, weights
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up fused into one matmul."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.hidden_size = hidden
+        self.gate_up = nn.Linear(config.d_model, 2 * hidden, bias=config.bias)
+        self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, hidden) each
+        return self.dropout(self.down(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ffn_norm = make_norm(config)
+        self.ffn = SwiGLU(config)
+
+    def forward(self, x, cos, sin, input_pos=None, attn_mask=None, need_weights=False):
+        attn_out, weights = self.attn(self.attn_norm(x), cos, sin, input_pos, attn_mask, need_weights)
+        x = x + attn_out
+        x = x + self.ffn(self.ffn_norm(x))
+        return x, weights
+
+
+# -- the model ------------------------------------------------------------------------------
+
+class Transformer(nn.Module):
+    """Token embedding, ``n_layers`` pre-norm blocks, a final norm and the (tied) LM head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be set before building the model")
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.emb_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_cache(config.block_size, config.head_dim, config.rope_base)
+        # Computed once; not saved in checkpoints (they follow from the config).
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    # -- initialisation -----------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """GPT-2 style init; residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.ffn.down.weight, mean=0.0, std=residual_std)
+
+    # -- KV-cache -------------------------------------------------------------------------
+    def setup_kv_cache(self, batch_size: int, max_len: Optional[int] = None,
+                       dtype: Optional[torch.dtype] = None) -> None:
+        """Preallocate a KV-cache of ``max_len`` (default block_size) slots in every layer."""
+        max_len = max_len or self.config.block_size
+        if max_len > self.config.block_size:
+            raise ValueError(f"KV-cache length {max_len} exceeds block_size {self.config.block_size}")
+        param = self.tok_emb.weight
+        dtype = dtype or param.dtype
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(batch_size, max_len, self.config.kv_heads,
+                                          self.config.head_dim, dtype, param.device)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    @property
+    def has_kv_cache(self) -> bool:
+        return self.blocks[0].attn.kv_cache is not None if len(self.blocks) else False
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        *,
+        input_pos: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        attn_mask: Optional[torch.Tensor] = None,
+        logits_to_keep: int = 0,
+    ) -> TransformerOutput:
+        """Run the model on token ids ``idx`` (B, T).
+
+        Args:
+            targets: (B, T) next-token ids for the loss; -1 marks positions to ignore.
+            input_pos: (T,) cache slots of these tokens; uses the KV-cache (see
+                :meth:`setup_kv_cache`). Without it, the call is a plain causal forward.
+            position_ids: (B, T) rotary positions per row, when they differ from the slots
+                (left-padded batches). Defaults to ``input_pos`` or ``0..T-1``.
+            attn_mask: (B, L) bool, False for key slots a row must not see (its padding).
+            logits_to_keep: compute logits only for the last N positions (0: all).
+        """
+        x, _ = self._run(idx, input_pos, position_ids, attn_mask, need_weights=False)
+        hidden = x
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return TransformerOutput(logits, loss, hidden)
+
+    @torch.no_grad()
+    def attention_maps(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Attention weights of every layer, each (B, H, T, T), through the explicit math path."""
+        _, weights = self._run(idx, None, None, None, need_weights=True)
+        return weights
+
+    def _run(self, idx, input_pos, position_ids, attn_mask, need_weights):
+        B, T = idx.shape
+        if input_pos is None and T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        positions = position_ids if position_ids is not None else input_pos
+        if positions is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D)
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, D) or (B, T, D)
+            if cos.dim() == 3:
+                cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+        x = self.emb_dropout(self.tok_emb(idx))  # (B, T, C)
+        all_weights = []
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and input_pos is None:
+                x, weights = checkpoint(block, x, cos, sin, None, attn_mask, need_weights,
+                                        use_reentrant=False)
+            else:
+                x, weights = block(x, cos, sin, input_pos, attn_mask, need_weights)
+            all_weights.append(weights)
+        return self.norm(x), all_weights
+
+    # -- introspection --------------------------------------------------------------------
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Unique parameters (tied weights counted once); optionally without the embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+        return n
+
+    def dropout_modules(self) -> list[nn.Dropout]:
+        return [m for m in self.modules() if isinstance(m, nn.Dropout)]
+
+    def set_dropout(self, p: float) -> None:
+        """Set the rate of every dropout in the model (used for dropout annealing)."""
+        for module in self.dropout_modules():
+            module.p = p

@@ -1,0 +1,224 @@
+"""Model profiling: parameter counts, FLOPs, memory, and the measured peak of a training step.
+
+FLOPs per token follow the usual accounting (Kaplan et al. 2020, nanoGPT, PaLM appendix B):
+a matmul with an (m x n) weight costs 2mn FLOPs per token forward and 4mn backward, so
+
+    forward  = 2 * N_matmul + 4 * n_layers * T * d_model
+    training = 6 * N_matmul + 12 * n_layers * T * d_model
+
+N_matmul is every weight that takes part in a matmul: the non-embedding parameters in the
+blocks plus the LM head (vocab x d_model, counted even when tied, since the product is computed).
+Norm parameters are left out (they cost O(d) per token). T is the context (``block_size``); the
+attention term counts the full T x T scores, as the kernels compute them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import resource
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .config import Config, ModelConfig
+
+
+@dataclass
+class ParameterCount:
+    total: int
+    embedding: int
+    non_embedding: int
+    matmul: int  # weights used in matmuls per token: blocks + LM head
+
+
+def count_parameters(config: ModelConfig) -> ParameterCount:
+    """Analytic parameter count; equals ``Transformer(config).num_parameters()``."""
+    d, h, V, L = config.d_model, config.hidden_size, config.vocab_size or 0, config.n_layers
+    qkv_out = (config.n_heads + 2 * config.kv_heads) * config.head_dim
+    b = 1 if config.bias else 0
+    attn = d * qkv_out + b * qkv_out + d * d + b * d
+    ffn = d * 2 * h + b * 2 * h + h * d + b * d
+    norm = d if config.norm == "rmsnorm" else d * (1 + b)
+    per_layer = attn + ffn + 2 * norm
+    embedding = V * d
+    head = 0 if config.tie_embeddings else V * d
+    non_embedding = L * per_layer + norm + head
+    matmul_per_layer = d * qkv_out + d * d + d * 2 * h + h * d
+    return ParameterCount(
+        total=embedding + non_embedding,
+        embedding=embedding,
+        non_embedding=non_embedding,
+        matmul=L * matmul_per_layer + V * d,
+    )
+
+
+def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> tuple[float, float]:
+    """(forward, training step) FLOPs per token at context ``seq_len`` (default block_size)."""
+    T = seq_len or config.block_size
+    n = count_parameters(config).matmul
+    attention = 4 * config.n_layers * T * config.d_model
+    forward = 2 * n + attention
+    return float(forward), float(3 * forward)
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def estimate_memory(config: ModelConfig, batch_size: int, activation_bytes: int = 4,
+                    gradient_checkpointing: bool = False) -> MemoryEstimate:
+    """Bytes for fp32 weights, gradients, AdamW state (two moments) and saved activations.
+
+    The activation figure counts the tensors each block keeps for the backward pass (inputs of
+    the norms and projections, q/k/v, the attention output, the SwiGLU gate, up and product),
+    the attention's T x T scores when the math path is used, and the logits with their fp32
+    copy for the loss. With gradient checkpointing only each block's input is kept, plus the
+    activations of the one block being recomputed.
+    """
+    params = count_parameters(config).total
+    B, T, d, h = batch_size, config.block_size, config.d_model, config.hidden_size
+    kv = config.kv_heads * config.head_dim
+    per_layer = B * T * (9 * d + 2 * kv + 4 * h)
+    if config.attention == "math":
+        per_layer += 2 * B * config.n_heads * T * T
+    logits = 3 * B * T * (config.vocab_size or 0)
+    if gradient_checkpointing:
+        elements = config.n_layers * B * T * d + per_layer + logits
+    else:
+        elements = config.n_layers * per_layer + logits
+    return MemoryEstimate(
+        weights=4 * params,
+        gradients=4 * params,
+        optimizer=8 * params,
+        activations=activation_bytes * elements,
+    )
+
+
+# -- measured peak of one training step ------------------------------------------------------
+
+def measure_training_step_peak(config: Config, batch_size: int | None = None,
+                               dtype: str | None = None, device: str | None = None) -> dict:
+    """Run one real training step (forward, backward, AdamW) and report its peak memory.
+
+    On CPU the step runs in a fresh process, so that its peak resident set size is its own:
+    ``peak_bytes`` is the process peak, ``step_bytes`` the growth over the state before the step.
+    On CUDA it is ``torch.cuda.max_memory_allocated``.
+    """
+    batch = batch_size or config.training.batch_size
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_worker, args=(config.to_dict(), batch, dtype or config.training.dtype,
+                                                  device or config.training.device, queue))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0 or queue.empty():
+        raise RuntimeError(f"the measuring process failed (exit code {proc.exitcode})")
+    return queue.get()
+
+
+def _rss_peak_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def _peak_worker(raw_config: dict, batch: int, dtype_spec: str, device_spec: str, queue) -> None:
+    from .device import autocast, resolve_device, resolve_dtype
+    from .model import Transformer
+
+    torch.set_num_threads(torch.get_num_threads())
+    config = Config.from_dict(raw_config)
+    if config.model.vocab_size is None:
+        config.model.vocab_size = 65
+    device = resolve_device(device_spec)
+    dtype = resolve_dtype(dtype_spec, device)
+    model = Transformer(config.model).to(device)
+    model.gradient_checkpointing = config.training.gradient_checkpointing
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    T = config.model.block_size
+    x = torch.randint(0, config.model.vocab_size, (batch, T), device=device)
+    y = torch.randint(0, config.model.vocab_size, (batch, T), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = _rss_peak_bytes()
+    with autocast(device, dtype):
+        loss = model(x, y).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = _rss_peak_bytes()
+    queue.put({"peak_bytes": peak, "step_bytes": max(0, peak - before), "device": str(device),
+               "dtype": str(dtype).replace("torch.", ""), "batch_size": batch})
+
+
+# -- the table -------------------------------------------------------------------------------
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def profile_rows(config: Config, measured: dict | None = None) -> list[tuple[str, str]]:
+    """The profile as (label, value) rows."""
+    m = config.model
+    params = count_parameters(m)
+    fwd, train = flops_per_token(m)
+    batch = config.training.batch_size
+    tokens = batch * m.block_size
+    mem = estimate_memory(m, batch, gradient_checkpointing=config.training.gradient_checkpointing)
+    attn = "MHA" if m.kv_heads == m.n_heads else ("MQA" if m.kv_heads == 1 else f"GQA ({m.kv_heads} kv heads)")
+    rows = [
+        ("architecture", f"d_model {m.d_model}, {m.n_heads} heads ({attn}), {m.n_layers} layers, "
+                         f"context {m.block_size}, vocab {m.vocab_size}, SwiGLU {m.hidden_size}, {m.norm}"),
+        ("parameters, total", f"{params.total:,} ({human_count(params.total)})"),
+        ("parameters, non-embedding", f"{params.non_embedding:,} ({human_count(params.non_embedding)})"),
+        ("FLOPs per token, forward", human_count(fwd)),
+        ("FLOPs per token, training step", human_count(train)),
+        (f"FLOPs per training step (batch {batch})", human_count(train * tokens)),
+        ("memory: weights (fp32)", human_bytes(mem.weights)),
+        ("memory: gradients (fp32)", human_bytes(mem.gradients)),
+        ("memory: AdamW state (fp32)", human_bytes(mem.optimizer)),
+        (f"memory: activations, estimate (batch {batch}, fp32)", human_bytes(mem.activations)),
+        ("memory: total, estimate", human_bytes(mem.total)),
+    ]
+    if measured is not None:
+        where = f"{measured['device']}, {measured['dtype']}, batch {measured['batch_size']}"
+        rows.append((f"measured peak of one training step ({where})",
+                     f"{human_bytes(measured['peak_bytes'])} "
+                     f"(+{human_bytes(measured['step_bytes'])} during the step)"))
+    return rows
+
+
+def format_table(rows: list[tuple[str, str]], headers: tuple[str, str] = ("quantity", "value")) -> str:
+    """A markdown table."""
+    width0 = max(len(headers[0]), *(len(r[0]) for r in rows))
+    width1 = max(len(headers[1]), *(len(r[1]) for r in rows))
+    lines = [f"| {headers[0]:<{width0}} | {headers[1]:<{width1}} |", f"| {'-' * width0} | {'-' * width1} |"]
+    lines += [f"| {a:<{width0}} | {b:<{width1}} |" for a, b in rows]
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mini_transformer.config import ModelConfig, load_config
+from mini_transformer.model import Transformer
+from mini_transformer.profile import count_parameters, estimate_memory, flops_per_token
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(n_kv_heads=1, vocab_size=512),
+    dict(d_model=256, n_heads=8, n_layers=3, block_size=128, vocab_size=2048),
+])
+def test_analytic_flops_match_flop_counter_within_10_percent(overrides):
+    # The math path makes every matmul visible to FlopCounterMode.
+    base = dict(vocab_size=65, d_model=128, n_heads=4, n_layers=4, block_size=64, dropout=0.0, attention="math")
+    base.update(overrides)
+    config = ModelConfig(**base)
+    model = Transformer(config)
+    B, T = 2, config.block_size
+    idx = torch.randint(0, config.vocab_size, (B, T))
+    forward_expected, train_expected = flops_per_token(config)
+    with FlopCounterMode(display=False) as counter:
+        model(idx)
+    forward_measured = counter.get_total_flops() / (B * T)
+    assert abs(forward_measured - forward_expected) / forward_measured < 0.10
+    with FlopCounterMode(display=False) as counter:
+        model(idx, idx).loss.backward()
+    train_measured = counter.get_total_flops() / (B * T)
+    assert abs(train_measured - train_expected) / train_measured < 0.10
+
+
+def test_memory_estimate_components():
+    config = load_config(preset="small").model
+    config.vocab_size = 65
+    params = count_parameters(config).total
+    estimate = estimate_memory(config, batch_size=32)
+    assert estimate.weights == 4 * params and estimate.optimizer == 8 * params
+    checkpointed = estimate_memory(config, batch_size=32, gradient_checkpointing=True)
+    assert checkpointed.activations < estimate.activations / 2
+
+
+def test_profile_command_prints_table(run_cli):
+    status, out, _ = run_cli("profile", "--preset", "tiny", "--training.batch_size", "2")
+    assert status == 0
+    assert "| parameters, total" in out and "FLOPs per token, training step" in out
+    assert "measured peak of one training step" in out
+    total = count_parameters(ModelConfig(vocab_size=65, d_model=128, n_heads=4, n_layers=4, block_size=128)).total
+    assert f"{total:,}" in out

@@ -222,3 +222,30 @@ def format_table(rows: list[tuple[str, str]], headers: tuple[str, str] = ("quant
     lines = [f"| {headers[0]:<{width0}} | {headers[1]:<{width1}} |", f"| {'-' * width0} | {'-' * width1} |"]
     lines += [f"| {a:<{width0}} | {b:<{width1}} |" for a, b in rows]
     return "\n".join(lines)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024,
+                         min_seconds: float = 0.2) -> float:
+    """This device's matmul throughput (FLOP/s) for ``dtype``: the ceiling MFU is measured against.
+
+    Uses constant inputs, so it draws nothing from the global RNG (resumed runs stay exact).
+    """
+    import time
+
+    a = torch.full((size, size), 0.5, device=device, dtype=dtype)
+    b = torch.full((size, size), 0.25, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up
+    _sync(device)
+    runs, start = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b)
+        runs += 1
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return 2 * size**3 * runs / elapsed
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,295 @@
+"""Checkpoints that are never lost and never unpickle arbitrary objects.
+
+A training run's ``out_dir`` looks like this::
+
+    out/
+      ckpt-00000500/          one directory per saved step, never overwritten
+        model.safetensors     weights (the tied LM head is stored once, as the embedding)
+        config.yaml           the resolved config
+        tokenizer.json ...    the tokenizer, so generation needs no training data
+        train_state.pt        optimizer, scheduler, RNG states, sampler, grad scaler
+        checkpoint.json       step, best val loss, format version, config fingerprint
+      latest.json             {"checkpoint": "ckpt-00000500"}: the newest complete checkpoint
+      best.json               the checkpoint with the best val loss
+      metrics.jsonl
+
+A checkpoint is written to a temporary directory, every file fsynced, then renamed into place,
+and only then do the pointer files move to it (each pointer is itself replaced atomically). A
+``kill -9`` at any moment leaves ``latest.json`` naming a complete checkpoint. Loading reads
+safetensors, YAML and JSON, and ``train_state.pt`` with ``torch.load(weights_only=True)``, which
+refuses pickled objects other than tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from .atomic import atomic_write, atomic_write_bytes, atomic_write_text, fsync_dir
+from .config import Config, ModelConfig
+from .errors import UserError
+from .model import Transformer, rope_cache
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+STATE_FILE = "train_state.pt"
+META_FILE = "checkpoint.json"
+LATEST_POINTER = "latest.json"
+BEST_POINTER = "best.json"
+CHECKPOINT_PREFIX = "ckpt-"
+
+
+def model_fingerprint(config: ModelConfig) -> str:
+    """A short hash of the architecture: checkpoints and adapters must match it to load."""
+    text = json.dumps({k: v for k, v in vars(config).items() if k not in ("dropout", "attention")},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# -- weights ---------------------------------------------------------------------------------
+
+def weights_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors for safetensors: contiguous, CPU, and each shared tensor stored once."""
+    state = model.state_dict()
+    seen: set[tuple] = set()
+    result: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:  # a tied weight: the embedding already holds it
+            continue
+        seen.add(key)
+        result[name] = tensor.detach().to("cpu").contiguous()
+    return result
+
+
+def save_weights(path: Path, model: torch.nn.Module, metadata: Optional[dict[str, str]] = None) -> None:
+    atomic_write_bytes(path, save_safetensors_bytes(weights_state_dict(model), metadata=metadata))
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"checkpoint file {path} is missing; the checkpoint is incomplete, use another one")
+    try:
+        return load_safetensors_bytes(path.read_bytes())
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise UserError(f"checkpoint weights {path} are corrupt ({str(exc).splitlines()[0]}); "
+                        "use another checkpoint or retrain") from None
+
+
+def load_weights_into(model: Transformer, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load weights, allowing only the tied LM head to be absent; shapes must match exactly."""
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name not in expected:
+            raise UserError(f"{source} has weight {name!r} that this model does not; "
+                            "the checkpoint belongs to a different model")
+        if expected[name].shape != tensor.shape:
+            raise UserError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                            f"{tuple(expected[name].shape)}; the checkpoint belongs to a different model shape")
+    missing = [n for n in expected if n not in state]
+    if model.config.tie_embeddings:
+        missing = [n for n in missing if n != "lm_head.weight"]
+    if missing:
+        raise UserError(f"{source} lacks weights {', '.join(missing[:3])}; the checkpoint is incomplete")
+    model.load_state_dict(state, strict=False)
+
+
+# -- saving ------------------------------------------------------------------------------------
+
+@dataclass
+class CheckpointInfo:
+    directory: Path
+    step: int
+    best_val_loss: Optional[float]
+    meta: dict[str, Any]
+
+
+def save_checkpoint(
+    out_dir: str | os.PathLike,
+    step: int,
+    model: Transformer,
+    config: Config,
+    tokenizer: Any,
+    train_state: Optional[dict[str, Any]] = None,
+    *,
+    best_val_loss: Optional[float] = None,
+    is_best: bool = False,
+    keep_last: int = 3,
+    extra_meta: Optional[dict[str, Any]] = None,
+) -> Path:
+    """Write a complete checkpoint for ``step`` atomically and move the pointers to it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{CHECKPOINT_PREFIX}{step:08d}"
+    final = out / name
+    if not final.exists():
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".tmp-{name}-"))
+        try:
+            _write_checkpoint_files(tmp, step, model, config, tokenizer, train_state, best_val_loss, extra_meta)
+            fsync_dir(tmp)
+            os.rename(tmp, final)
+            fsync_dir(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    _write_pointer(out / LATEST_POINTER, name, step)
+    if is_best:
+        _write_pointer(out / BEST_POINTER, name, step, best_val_loss)
+    prune_checkpoints(out, keep_last)
+    return final
+
+
+def _write_checkpoint_files(directory: Path, step: int, model: Transformer, config: Config, tokenizer: Any,
+                            train_state: Optional[dict[str, Any]], best_val_loss: Optional[float],
+                            extra_meta: Optional[dict[str, Any]]) -> None:
+    save_weights(directory / WEIGHTS_FILE, model, metadata={"format": "mini-transformer"})
+    config.save(directory / CONFIG_FILE)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    if train_state is not None:
+        atomic_torch_save(directory / STATE_FILE, train_state)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "best_val_loss": best_val_loss,
+        "model_fingerprint": model_fingerprint(config.model),
+        "has_train_state": train_state is not None,
+    }
+    meta.update(extra_meta or {})
+    atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2))
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    """torch.save ``obj`` (tensors and plain containers only) atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _write_pointer(path: Path, name: str, step: int, val_loss: Optional[float] = None) -> None:
+    atomic_write_text(path, json.dumps({"checkpoint": name, "step": step, "val_loss": val_loss}))
+
+
+def _read_pointer(path: Path) -> Optional[str]:
+    try:
+        return json.loads(path.read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def prune_checkpoints(out_dir: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` step checkpoints plus the best one; drop stale temp dirs."""
+    protected = {_read_pointer(out_dir / BEST_POINTER), _read_pointer(out_dir / LATEST_POINTER)}
+    steps = sorted(p for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+    for path in steps[:-keep_last] if keep_last > 0 else steps:
+        if path.name not in protected:
+            shutil.rmtree(path, ignore_errors=True)
+    for tmp in out_dir.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- finding and loading -------------------------------------------------------------------------
+
+def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
+    """A checkpoint directory from a path that is one, or a run's ``out_dir``.
+
+    In an ``out_dir``, ``prefer="best"`` takes the best checkpoint, else the latest;
+    ``prefer="latest"`` takes the latest (for resuming).
+    """
+    p = Path(path)
+    if (p / META_FILE).is_file() or (p / WEIGHTS_FILE).is_file():
+        return p
+    if not p.exists():
+        raise UserError(f"checkpoint {str(p)!r} not found; train first (python train.py --config config.yaml) "
+                        "or pass --checkpoint DIR")
+    order = [BEST_POINTER, LATEST_POINTER] if prefer == "best" else [LATEST_POINTER]
+    for pointer in order:
+        name = _read_pointer(p / pointer)
+        if name and (p / name / META_FILE).is_file():
+            return p / name
+    # The pointer may be missing (a crash before the first pointer write): take the newest complete one.
+    complete = sorted(d for d in p.glob(f"{CHECKPOINT_PREFIX}*") if (d / META_FILE).is_file())
+    if complete:
+        return complete[-1]
+    raise UserError(f"no checkpoint in {str(p)!r}; train first or pass --checkpoint DIR")
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    path = directory / META_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"{path} is corrupt (not JSON); use another checkpoint") from None
+
+
+def read_config(directory: Path) -> Config:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"checkpoint {directory} has no {CONFIG_FILE}; it is incomplete, use another one")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        raise UserError(f"{path} is corrupt (not YAML); use another checkpoint") from None
+    # Keys that an older version did not have take their defaults.
+    return Config.from_dict(raw or {}, source=str(path))
+
+
+def read_train_state(directory: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise UserError(f"checkpoint {directory} has no training state ({STATE_FILE}); "
+                        "it can be used for generation or init_from, not for --resume")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is a corrupt or unsafe file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"refusing to load {path}: it is corrupt or holds pickled objects ({first[:160]}); "
+                        "use another checkpoint") from None
+
+
+def load_model(directory: Path, device: str | torch.device = "cpu",
+               config: Optional[Config] = None) -> Transformer:
+    """Build the model of a checkpoint directory and load its weights."""
+    config = config or read_config(directory)
+    # Built on the meta device (no time spent on a random init), then given real storage.
+    with torch.device("meta"):
+        model = Transformer(config.model)
+    model = model.to_empty(device="cpu")
+    # The RoPE tables are buffers outside the checkpoint: recompute them.
+    model.rope_cos, model.rope_sin = rope_cache(config.model.block_size, config.model.head_dim,
+                                                config.model.rope_base)
+    if config.model.tie_embeddings:  # to_empty gives the two modules separate storage: tie again
+        model.lm_head.weight = model.tok_emb.weight
+    load_weights_into(model, read_weights(directory / WEIGHTS_FILE), directory)
+    return model.to(device)
+
+
+def load_tokenizer_from(directory: Path):
+    from .tokenizer import load_tokenizer
+
+    return load_tokenizer(directory)
+
+
+def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """``(model, config, tokenizer)`` from a checkpoint directory or a run's ``out_dir``.
+
+    The model is in eval mode on ``device``.
+    """
+    directory = resolve_checkpoint(path, prefer="best")
+    config = read_config(directory)
+    model = load_model(directory, device, config)
+    model.eval()
+    return model, config, load_tokenizer_from(directory)

@@ -1,0 +1,34 @@
+"""``mini-transformer train`` (and the root ``python train.py``): train or resume a model."""
+
+from __future__ import annotations
+
+from .common import add_command, add_config_arguments, config_from_args
+
+EXAMPLES = """\
+  python train.py --config config.yaml
+  python train.py --config config.yaml --resume
+  mini-transformer train --config configs/shakespeare_char_cpu.yaml
+  mini-transformer train --preset tiny --data.path data/input.txt --training.max_iters 500
+  torchrun --nproc_per_node 2 train.py --config configs/shakespeare_char_cpu.yaml
+"""
+
+
+def register(subparsers) -> None:
+    parser = add_command(
+        subparsers, "train", help="train a model (or resume with --resume)",
+        description="Train a model from a YAML config. The data in data.path is tokenized on first use "
+                    "and cached; checkpoints, metrics.jsonl and TensorBoard logs go to training.out_dir.",
+        examples=EXAMPLES)
+    add_config_arguments(parser)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue exactly from the latest checkpoint in training.out_dir")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def run(args, overrides: list[str]) -> int:
+    from ..training import train
+
+    config = config_from_args(args, overrides)
+    result = train(config, resume=args.resume, progress=not args.quiet)
+    return 0 if result.step > 0 or result.interrupted else 1

@@ -1,0 +1,438 @@
+"""The training loop: accumulation, precision, clipping, schedules, evaluation, checkpoints.
+
+One optimizer step ("iteration") processes ``batch_size x gradient_accumulation_steps x
+world_size`` sequences of ``block_size`` tokens: that is the global batch.
+
+Exact resume: everything random is either a pure function of the step (schedules, evaluation
+batches) or saved in the checkpoint (model, optimizer, the torch/numpy/python/CUDA RNG states,
+the batch sampler, the grad scaler), so N steps in one run equal N/2 + N/2 with a resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .. import checkpoint as ckpt
+from ..config import Config
+from ..device import autocast, dtype_name, resolve_device, resolve_dtype
+from ..errors import UserError
+from ..model import Transformer
+from ..profile import count_parameters, flops_per_token, measure_matmul_flops
+from .distributed import DistributedContext, all_reduce_mean, init_distributed, shutdown
+from .metrics import MetricsLogger
+from .optim import build_optimizer
+from .schedule import dropout_at, learning_rate_at
+
+TROUBLESHOOTING = (
+    "the loss is not finite; lower training.learning_rate (try 1e-4), increase training.warmup_iters, "
+    "keep training.grad_clip at 1.0, check the data, or use training.dtype fp32"
+)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int
+    best_val_loss: Optional[float]
+    final_val_loss: Optional[float]
+    losses: list[float] = field(default_factory=list)  # train loss of every optimizer step
+    checkpoint: Optional[Path] = None
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+class _StopFlag:
+    """Ctrl-C asks the loop to stop after the current step and save; a second Ctrl-C aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopFlag":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states as tensors and plain containers (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Holds the state of one run. ``Trainer(config).run()`` trains; see :func:`train`."""
+
+    def __init__(self, config: Config, *, resume: bool = False, progress: bool = True,
+                 log: Any = print):
+        self.config = config
+        self.t = config.training
+        self.resume = resume
+        self.progress = progress
+        self.log = log
+        self.device = resolve_device(self.t.device)
+        self.dist: DistributedContext = init_distributed(self.t, self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.dtype = resolve_dtype(self.t.dtype, self.device)
+        self.out_dir = Path(self.t.out_dir)
+        self.step = 0
+        self.best_val_loss: Optional[float] = None
+        self.bad_steps = 0
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _say(self, message: str) -> None:
+        if self.dist.is_main and self.log is not None:
+            self.log(message)
+
+    def setup(self) -> None:
+        from ..data import RandomBatchSampler, check_split_lengths, prepare_dataset
+
+        t, cfg = self.t, self.config
+        seed_everything(t.seed)
+        resume_dir = ckpt.resolve_checkpoint(self.out_dir, prefer="latest") if self.resume else None
+        base_dir = ckpt.resolve_checkpoint(t.init_from, prefer="best") if t.init_from and not self.resume else None
+
+        # The tokenizer of a checkpoint wins: resumed and fine-tuned runs must encode the same way.
+        tokenizer = ckpt.load_tokenizer_from(resume_dir or base_dir) if (resume_dir or base_dir) else None
+        if base_dir is not None:
+            base_config = ckpt.read_config(base_dir)
+            dropout = cfg.model.dropout
+            cfg.model = base_config.model
+            cfg.model.dropout = dropout
+        self.data = prepare_dataset(cfg.data, tokenizer=tokenizer, progress=self.progress and self.dist.is_main,
+                                    dist=self.dist)
+        self.tokenizer = self.data.tokenizer
+        vocab = self.tokenizer.vocab_size
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = vocab
+        elif cfg.model.vocab_size < vocab:
+            raise UserError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                            f"vocabulary ({vocab}); remove model.vocab_size or set it to at least {vocab}")
+        check_split_lengths(self.data, cfg.model.block_size)
+        cfg.validate()
+
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        self.model = Transformer(cfg.model).to(self.device)
+        if base_dir is not None:
+            ckpt.load_weights_into(self.model, ckpt.read_weights(base_dir / ckpt.WEIGHTS_FILE), base_dir)
+            self._say(f"initialised from {base_dir}")
+        self._apply_lora()
+        self.model.gradient_checkpointing = t.gradient_checkpointing
+        self.optimizer = build_optimizer(self.model, t, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
+
+        sampler_kwargs = dict(batch_size=t.batch_size, block_size=cfg.model.block_size, seed=t.seed,
+                              rank=self.dist.rank, world_size=self.dist.world_size, device=self.device)
+        self.train_sampler = RandomBatchSampler(self.data.train, **sampler_kwargs)
+        if resume_dir is not None:
+            self._load_resume_state(resume_dir)
+        self.step_model = self._wrap_model()
+        self.metrics = MetricsLogger(self.out_dir, tensorboard=t.tensorboard,
+                                     resume_step=self.step if resume_dir is not None else None) \
+            if self.dist.is_main else None
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out_dir / "config.yaml")
+        self._describe()
+
+    def _apply_lora(self) -> None:
+        a = self.config.advanced
+        if not a.use_lora:
+            return
+        from ..lora import apply_lora, lora_parameter_counts
+
+        apply_lora(self.model, rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
+                   targets=tuple(a.lora_targets))
+        trainable, total, fraction = lora_parameter_counts(self.model)
+        self._say(f"LoRA rank {a.lora_rank}: {trainable:,} trainable of {total:,} parameters ({fraction:.2%})")
+
+    def _wrap_model(self) -> torch.nn.Module:
+        model: torch.nn.Module = self.model
+        if self.t.compile:
+            model = torch.compile(model)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DDP(model, device_ids=device_ids)
+        return model
+
+    def _load_resume_state(self, directory: Path) -> None:
+        saved = ckpt.read_config(directory)
+        if ckpt.model_fingerprint(saved.model) != ckpt.model_fingerprint(self.config.model):
+            raise UserError(f"--resume: the checkpoint in {directory} is of a different model shape "
+                            f"({_shape(saved)} vs {_shape(self.config)}); use its config or another out_dir")
+        ckpt.load_weights_into(self.model, ckpt.read_weights(directory / ckpt.WEIGHTS_FILE), directory)
+        state = ckpt.read_train_state(directory)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.train_sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
+        self.best_val_loss = state.get("best_val_loss")
+        rngs = state["rng"]
+        set_rng_state(rngs[self.dist.rank] if isinstance(rngs, list) else rngs)
+        self._say(f"resumed from {directory} at step {self.step}")
+
+    def _describe(self) -> None:
+        t, m = self.t, self.config.model
+        params = count_parameters(m)
+        global_batch = t.batch_size * t.gradient_accumulation_steps * self.dist.world_size
+        self._say(
+            f"model: {params.total:,} parameters ({params.non_embedding:,} non-embedding), "
+            f"vocab {m.vocab_size} ({self.tokenizer.kind}), context {m.block_size}")
+        self._say(
+            f"training on {self.device} in {dtype_name(self.dtype)}"
+            f"{' x' + str(self.dist.world_size) + ' processes (' + self.dist.mode + ')' if self.dist.enabled else ''}: "
+            f"global batch {global_batch} sequences = {global_batch * m.block_size:,} tokens per step, "
+            f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens")
+
+    # -- one optimizer step ---------------------------------------------------------------------
+    def _train_step(self, lr: float) -> tuple[float, float]:
+        t = self.t
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = t.gradient_accumulation_steps
+        total = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            x, y = self.train_sampler.next_batch()
+            # Gradients are all-reduced only on the last micro-step.
+            sync = (self.step_model.no_sync() if self.dist.enabled and micro < accum - 1
+                    else contextlib.nullcontext())
+            with sync:
+                with autocast(self.device, self.dtype):
+                    loss = self.step_model(x, y).loss / accum
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        loss_value = all_reduce_mean(total, self.dist).item()
+        norm_value = grad_norm.item()
+        if not math.isfinite(loss_value) or (not self.scaler.is_enabled() and not math.isfinite(norm_value)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            warnings.warn(f"step {self.step + 1}: non-finite loss or gradient ({loss_value}); step skipped",
+                          stacklevel=2)
+            if self.bad_steps >= t.max_bad_steps:
+                raise UserError(f"{self.bad_steps} steps in a row had a non-finite loss: {TROUBLESHOOTING}")
+            return loss_value, norm_value
+        self.bad_steps = 0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, norm_value
+
+    # -- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def estimate_loss(self) -> dict[str, float]:
+        """Mean loss over ``eval_iters`` random batches of each split (seeded by the step)."""
+        from ..data import RandomBatchSampler
+
+        self.model.eval()
+        result = {}
+        for split, tokens in (("train", self.data.train), ("val", self.data.val)):
+            sampler = RandomBatchSampler(tokens, batch_size=self.t.batch_size,
+                                         block_size=self.config.model.block_size,
+                                         seed=self.t.seed + 1_000_003 * (self.step + 1) + (split == "val"),
+                                         rank=self.dist.rank, world_size=self.dist.world_size,
+                                         device=self.device)
+            losses = torch.zeros(self.t.eval_iters, device=self.device)
+            for i in range(self.t.eval_iters):
+                x, y = sampler.next_batch()
+                with autocast(self.device, self.dtype):
+                    losses[i] = self.model(x, y).loss
+            result[split] = all_reduce_mean(losses.mean(), self.dist).item()
+        self.model.train()
+        return result
+
+    @torch.no_grad()
+    def exact_val_loss(self) -> float:
+        """Token-weighted mean loss over every full window of the whole validation split."""
+        from ..data import iter_sequential_batches
+
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, (x, y) in enumerate(iter_sequential_batches(self.data.val, self.t.batch_size,
+                                                           self.config.model.block_size, device=self.device)):
+            if i % self.dist.world_size != self.dist.rank:
+                continue
+            with autocast(self.device, self.dtype):
+                loss = self.model(x, y).loss
+            total += loss.double() * y.numel()
+            count += y.numel()
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+        self.model.train()
+        return (total / count.clamp(min=1)).item()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def train_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "best_val_loss": self.best_val_loss,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "sampler": self.train_sampler.state_dict(),
+            "rng": self._gather_rng(),
+            "lr": learning_rate_at(self.step, self.t),
+        }
+
+    def _gather_rng(self):
+        state = rng_state()
+        if not self.dist.enabled:
+            return state
+        import torch.distributed as dist
+
+        states: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def save(self, is_best: bool = False) -> Optional[Path]:
+        state = self.train_state()  # every rank joins the RNG gather
+        if not self.dist.is_main:
+            return None
+        directory = ckpt.save_checkpoint(
+            self.out_dir, self.step, self.model, self.config, self.tokenizer, state,
+            best_val_loss=self.best_val_loss, is_best=is_best, keep_last=self.t.keep_last)
+        return directory
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        t, m = self.t, self.config.model
+        started = time.perf_counter()
+        result = TrainResult(self.out_dir, self.step, self.best_val_loss, None)
+        peak_flops = measure_matmul_flops(self.device, self.dtype)
+        flops_per_step = flops_per_token(m)[1] * t.batch_size * m.block_size * t.gradient_accumulation_steps
+        tokens_per_step = t.batch_size * m.block_size * t.gradient_accumulation_steps * self.dist.world_size
+        self.model.train()
+        bar = tqdm(total=t.max_iters, initial=self.step, disable=not (self.progress and self.dist.is_main),
+                   unit="it", dynamic_ncols=True, desc="train")
+        last_log_time, last_log_step = time.perf_counter(), self.step
+        last_saved: Optional[Path] = None
+        with _StopFlag() as stop:
+            while self.step < t.max_iters:
+                lr = learning_rate_at(self.step, t)
+                dropout = dropout_at(self.step, m, t)
+                if t.dropout_end is not None:
+                    self.model.set_dropout(dropout)
+                loss, grad_norm = self._train_step(lr)
+                self.step += 1
+                result.losses.append(loss)
+                bar.update(1)
+                if self.step % t.log_interval == 0 or self.step == t.max_iters:
+                    now = time.perf_counter()
+                    tokens_per_s = tokens_per_step * (self.step - last_log_step) / max(now - last_log_time, 1e-9)
+                    mfu = flops_per_step * tokens_per_s / tokens_per_step / peak_flops
+                    last_log_time, last_log_step = now, self.step
+                    bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s mfu {mfu:.1%}")
+                    self._record({"iter": self.step, "train_loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                  "tokens_per_s": tokens_per_s, "mfu": mfu, "dropout": dropout,
+                                  "time_s": now - started})
+                if self.step % t.eval_interval == 0 or self.step == t.max_iters:
+                    losses = self.estimate_loss()
+                    improved = self.best_val_loss is None or losses["val"] < self.best_val_loss
+                    if improved:
+                        self.best_val_loss = losses["val"]
+                    if self.dist.is_main and self.log is not None:
+                        bar.write(f"step {self.step}: train loss {losses['train']:.4f}, "
+                                  f"val loss {losses['val']:.4f}, val ppl {math.exp(losses['val']):.2f}")
+                    self._record({"iter": self.step, "eval_train_loss": losses["train"], "val_loss": losses["val"],
+                                  "val_ppl": math.exp(losses["val"]), "lr": lr})
+                    if improved or t.always_save_checkpoint or self.step == t.max_iters:
+                        last_saved = self.save(is_best=improved) or last_saved
+                if stop.requested:
+                    last_saved = self.save() or last_saved
+                    bar.close()
+                    self._say(f"interrupted at step {self.step}; checkpoint saved in {self.out_dir}. "
+                              "Continue with --resume.")
+                    result.interrupted = True
+                    break
+        bar.close()
+        if not result.interrupted:
+            val = self.exact_val_loss()
+            result.final_val_loss = val
+            self._record({"iter": self.step, "final_val_loss": val, "val_ppl": math.exp(val),
+                          "time_s": time.perf_counter() - started, "final": True})
+            self._say(f"final: exact val loss {val:.4f} (ppl {math.exp(val):.2f}) over the whole val split; "
+                      f"best checkpoint in {self.out_dir}")
+        result.step, result.best_val_loss, result.checkpoint = self.step, self.best_val_loss, last_saved
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _record(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.log(record)
+
+    def close(self) -> None:
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        shutdown(self.dist)
+
+
+def _shape(config: Config) -> str:
+    m = config.model
+    return f"d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, vocab {m.vocab_size}"
+
+
+def train(config: Config, *, resume: bool = False, progress: bool = True, log: Any = print) -> TrainResult:
+    """Train with ``config``; returns the final step, losses and the best/final val loss."""
+    trainer = Trainer(config, resume=resume, progress=progress, log=log)
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        trainer.close()

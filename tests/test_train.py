@@ -1,0 +1,291 @@
+"""The training loop: learning, exact resume, accumulation, clipping, the NaN guard, checkpoints."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mini_transformer import checkpoint as ckpt
+from mini_transformer.config import Config, TrainingConfig, ModelConfig, load_config
+from mini_transformer.errors import UserError
+from mini_transformer.training import train
+from mini_transformer.training.loop import Trainer
+from mini_transformer.training.schedule import dropout_at, learning_rate_at
+
+from .conftest import REPO_ROOT
+
+CORPUS = ("To be, or not to be, that is the question:\n"
+          "Whether 'tis nobler in the mind to suffer\n"
+          "The slings and arrows of outrageous fortune,\n"
+          "Or to take arms against a sea of troubles\n") * 40
+
+
+def small_config(tmp_path: Path, **training) -> Config:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = tmp_path / "input.txt"
+    if not data.exists():
+        data.write_text(CORPUS)
+    config = load_config(overrides=[
+        "--model.d_model", "32", "--model.n_heads", "4", "--model.n_layers", "2", "--model.block_size", "16",
+        "--model.dropout", "0.1",
+        "--training.batch_size", "4", "--training.max_iters", "8", "--training.warmup_iters", "2",
+        "--training.eval_interval", "4", "--training.eval_iters", "2", "--training.log_interval", "1",
+        "--training.learning_rate", "3e-3", "--training.dtype", "fp32", "--training.device", "cpu",
+        "--training.tensorboard", "false",
+        "--training.out_dir", str(tmp_path / "out"), "--data.path", str(data),
+        "--data.cache_dir", str(tmp_path / "cache"),
+    ])
+    for key, value in training.items():
+        setattr(config.training, key, value)
+    return config
+
+
+def quiet(config: Config, **kwargs):
+    return train(config, progress=False, log=None, **kwargs)
+
+
+def test_loss_falls_on_a_small_corpus(tmp_path):
+    config = small_config(tmp_path, max_iters=60, eval_interval=60, learning_rate=1e-2)
+    result = quiet(config)
+    first = sum(result.losses[:5]) / 5
+    last = sum(result.losses[-5:]) / 5
+    assert last < 0.75 * first
+    assert result.final_val_loss is not None and result.final_val_loss < first
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    # The schedule is fixed by lr_decay_iters, so stopping at step 4 changes nothing but the stop.
+    full = quiet(small_config(tmp_path / "a", max_iters=8, lr_decay_iters=8))
+    first = quiet(small_config(tmp_path / "b", max_iters=4, lr_decay_iters=8))
+    second = quiet(small_config(tmp_path / "b", max_iters=8, lr_decay_iters=8), resume=True)
+    resumed = first.losses + second.losses
+    assert len(resumed) == len(full.losses) == 8
+    for a, b in zip(full.losses, resumed):
+        assert abs(a - b) <= 1e-6
+    # The metrics history of the resumed run reads as one run.
+    records = [json.loads(line) for line in (tmp_path / "b" / "out" / "metrics.jsonl").read_text().splitlines()]
+    iters = [r["iter"] for r in records if "train_loss" in r]
+    assert iters == list(range(1, 9))
+    a = ckpt.load_model(ckpt.resolve_checkpoint(tmp_path / "a" / "out", prefer="latest"))
+    b = ckpt.load_model(ckpt.resolve_checkpoint(tmp_path / "b" / "out", prefer="latest"))
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+
+
+def _captured_grads(config: Config, batches):
+    """Run one optimizer step on fixed batches and return the gradients the optimizer saw."""
+    trainer = Trainer(config, progress=False, log=None)
+    trainer.setup()
+    trainer.model.set_dropout(0.0)
+    batches = iter(batches)
+    trainer.train_sampler.next_batch = lambda: next(batches)
+    seen = {}
+
+    def hook(optimizer, args, kwargs):
+        for i, p in enumerate(trainer.model.parameters()):
+            if p.grad is not None:
+                seen[i] = p.grad.detach().clone()
+
+    trainer.optimizer.register_step_pre_hook(hook)
+    loss, norm = trainer._train_step(lr=1e-3)
+    trainer.close()
+    return seen, loss, norm
+
+
+def test_accumulation_gives_same_gradients_as_one_big_batch(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randint(0, 20, (8, 16))
+    y = torch.randint(0, 20, (8, 16))
+    big, loss_big, _ = _captured_grads(small_config(tmp_path, batch_size=8, grad_clip=0.0), [(x, y)])
+    acc, loss_acc, _ = _captured_grads(
+        small_config(tmp_path, batch_size=4, gradient_accumulation_steps=2, grad_clip=0.0),
+        [(x[:4], y[:4]), (x[4:], y[4:])])
+    assert abs(loss_big - loss_acc) < 1e-5
+    assert big.keys() == acc.keys()
+    for key in big:
+        torch.testing.assert_close(big[key], acc[key], rtol=1e-4, atol=1e-6)
+
+
+def test_clipping_bounds_the_norm_and_logs_the_norm_before(tmp_path):
+    x = torch.randint(0, 20, (4, 16))
+    grads, _, norm_before = _captured_grads(small_config(tmp_path, grad_clip=0.05), [(x, x)])
+    total = torch.sqrt(sum(g.pow(2).sum() for g in grads.values())).item()
+    assert norm_before > 0.05
+    assert total <= 0.05 * (1 + 1e-4)
+
+
+def test_schedule_values_at_warmup_peak_and_end():
+    cfg = TrainingConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=2000, lr_decay_iters=2000)
+    assert learning_rate_at(0, cfg) == pytest.approx(1e-3 / 101)
+    assert learning_rate_at(49, cfg) == pytest.approx(1e-3 * 50 / 101)
+    assert learning_rate_at(100, cfg) == pytest.approx(1e-3)  # peak right after warmup
+    assert learning_rate_at(1050, cfg) == pytest.approx(5.5e-4)  # halfway: the cosine mean
+    assert learning_rate_at(2000, cfg) == pytest.approx(1e-4)
+    assert learning_rate_at(5000, cfg) == pytest.approx(1e-4)
+    values = [learning_rate_at(s, cfg) for s in range(100, 2001)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
+    linear = TrainingConfig(learning_rate=1e-3, min_lr=0.0, warmup_iters=0, max_iters=100, lr_schedule="linear")
+    assert learning_rate_at(50, linear) == pytest.approx(5e-4)
+    constant = TrainingConfig(learning_rate=1e-3, warmup_iters=10, max_iters=100, lr_schedule="constant")
+    assert learning_rate_at(99, constant) == pytest.approx(1e-3)
+
+
+def test_dropout_annealing_values():
+    model = ModelConfig(dropout=0.2)
+    cfg = TrainingConfig(max_iters=1000, dropout_end=0.0, dropout_anneal_fraction=0.5)
+    assert dropout_at(0, model, cfg) == pytest.approx(0.2)
+    assert dropout_at(250, model, cfg) == pytest.approx(0.1)
+    assert dropout_at(500, model, cfg) == pytest.approx(0.0)
+    assert dropout_at(900, model, cfg) == pytest.approx(0.0)
+    cosine = TrainingConfig(max_iters=1000, dropout_end=0.0, dropout_anneal="cosine")
+    assert dropout_at(500, model, cosine) == pytest.approx(0.1)
+    assert dropout_at(250, model, cosine) == pytest.approx(0.1 + 0.1 * math.cos(math.pi / 4))
+    assert dropout_at(300, model, TrainingConfig(max_iters=1000)) == pytest.approx(0.2)  # off
+
+
+def test_dropout_annealing_reaches_every_module_and_is_logged(tmp_path):
+    config = small_config(tmp_path, max_iters=6, dropout_end=0.0, dropout_anneal_fraction=1.0)
+    config.model.dropout = 0.3
+    trainer = Trainer(config, progress=False, log=None)
+    trainer.setup()
+    trainer.run()
+    trainer.close()
+    expected = dropout_at(5, config.model, config.training)
+    assert 0 < expected < 0.3
+    assert all(m.p == pytest.approx(expected) for m in trainer.model.dropout_modules())
+    records = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["dropout"] for r in records if "dropout" in r]
+    assert logged[0] == pytest.approx(0.3) and logged == sorted(logged, reverse=True)
+
+
+def test_nan_guard_skips_steps_then_stops_with_advice(tmp_path, monkeypatch):
+    config = small_config(tmp_path, max_iters=10, max_bad_steps=3)
+    trainer = Trainer(config, progress=False, log=None)
+    trainer.setup()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    real_forward = trainer.model.forward
+
+    def nan_forward(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        return out._replace(loss=out.loss * float("nan"))
+
+    monkeypatch.setattr(trainer.model, "forward", nan_forward)
+    with pytest.warns(UserWarning, match="step skipped"):
+        trainer._train_step(lr=1e-3)
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(UserError, match="lower training.learning_rate"):
+        with pytest.warns(UserWarning):
+            trainer._train_step(lr=1e-3)
+            trainer._train_step(lr=1e-3)
+    trainer.close()
+
+
+def test_metrics_checkpoint_layout_and_plot(tmp_path):
+    config = small_config(tmp_path, max_iters=8)
+    result = quiet(config)
+    out = tmp_path / "out"
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "train_loss" in r]
+    assert {"iter", "train_loss", "lr", "grad_norm", "tokens_per_s"} <= steps[0].keys()
+    evals = [r for r in records if "val_loss" in r]
+    assert evals and all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
+    assert records[-1].get("final") and records[-1]["final_val_loss"] == pytest.approx(result.final_val_loss)
+    directory = ckpt.resolve_checkpoint(out, prefer="latest")
+    for name in ("model.safetensors", "config.yaml", "train_state.pt", "checkpoint.json"):
+        assert (directory / name).is_file()
+    state = ckpt.read_train_state(directory)
+    assert {"optimizer", "step", "best_val_loss", "rng", "sampler", "scaler"} <= state.keys()
+    model, cfg, tokenizer = ckpt.load_for_inference(out)
+    assert cfg.model.vocab_size == tokenizer.vocab_size
+
+    from mini_transformer.plot import plot_run
+
+    paths = plot_run(out)
+    assert (out / "loss.png") in paths and (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pickled_object_in_checkpoint_is_refused(tmp_path):
+    config = small_config(tmp_path, max_iters=4)
+    quiet(config)
+    directory = ckpt.resolve_checkpoint(tmp_path / "out", prefer="latest")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"step": 4, "payload": Evil()}, directory / "train_state.pt")
+    with pytest.raises(UserError, match="refusing to load"):
+        ckpt.read_train_state(directory)
+    (directory / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="corrupt"):
+        ckpt.load_for_inference(directory)
+
+
+def test_resume_with_a_different_model_shape_is_refused(tmp_path):
+    quiet(small_config(tmp_path, max_iters=4))
+    other = small_config(tmp_path, max_iters=8)
+    other.model.n_layers = 3
+    with pytest.raises(UserError, match="different model shape"):
+        quiet(other, resume=True)
+
+
+KILL_SCRIPT = r"""
+import sys, torch
+from mini_transformer.config import Config
+from mini_transformer.model import Transformer
+from mini_transformer.checkpoint import save_checkpoint
+config = Config()
+config.model.vocab_size = 512
+config.model.d_model = 256
+config.model.n_layers = 4
+model = Transformer(config.model)
+print("ready", flush=True)
+step = 0
+while True:
+    step += 1
+    with torch.no_grad():
+        model.tok_emb.weight.fill_(float(step))
+    save_checkpoint(sys.argv[1], step, model, config, None, {"step": step}, keep_last=2)
+"""
+
+
+def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    script = tmp_path / "saver.py"
+    script.write_text(KILL_SCRIPT)
+    for delay in (0.9, 1.3, 1.7):
+        proc = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, cwd=REPO_ROOT)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        directory = ckpt.resolve_checkpoint(out, prefer="latest")
+        model = ckpt.load_model(directory)
+        step = json.loads((directory / "checkpoint.json").read_text())["step"]
+        assert torch.all(model.tok_emb.weight == float(step))
+        assert ckpt.read_train_state(directory)["step"] == step
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    config = small_config(tmp_path, max_iters=100000, eval_interval=100000)
+    config.save(tmp_path / "run.yaml")
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(tmp_path / "run.yaml"), "--quiet"],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "interrupted at step" in stdout
+    directory = ckpt.resolve_checkpoint(tmp_path / "out", prefer="latest")
+    assert ckpt.read_train_state(directory)["step"] >= 3

@@ -82,6 +82,7 @@ class TrainingConfig:
     batch_size: int = 32
     learning_rate: float = 3e-4
     max_iters: int = 10000
+    max_seconds: Optional[float] = None  # stop early (evaluated and saved) after this much wall time
     warmup_iters: int = 100
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     lr_decay_iters: Optional[int] = None  # None: = max_iters
@@ -123,6 +124,7 @@ class DataConfig:
     dataset: Optional[str] = None  # a named corpus instead of path: shakespeare | pystdlib
     tokenizer: Literal["char", "byte", "bpe", "gpt2"] = "char"
     bpe_vocab_size: int = 2048
+    bpe_train_bytes: Optional[int] = None  # learn BPE merges from the first N bytes only; None: all
     val_fraction: float = 0.1
     cache_dir: str = "data/cache"
 
@@ -139,6 +141,9 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     num_samples: int = 1
     stop: list[str] = field(default_factory=list)
+    # Past block_size the window slides: a row keeps its last context_keep tokens and is
+    # prefilled again (None: block_size // 2). See mini_transformer/generation/engine.py.
+    context_keep: Optional[int] = None
 
 
 @dataclass
@@ -151,7 +156,7 @@ class AdvancedConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["attention"])  # attention, ffn
     quantize: Optional[Literal["int8", "int4"]] = None
-    quantize_group_size: int = 128
+    quantize_group_size: int = 64  # divides the widths of every preset (128 does not divide 704)
     quantize_embedding: bool = False
     log_attention: bool = False
     speculative_sampling: bool = False
@@ -207,7 +212,8 @@ class Config:
             ("training.eval_interval", t.eval_interval), ("training.eval_iters", t.eval_iters),
             ("training.log_interval", t.log_interval), ("training.keep_last", t.keep_last),
             ("training.max_bad_steps", t.max_bad_steps),
-            ("data.bpe_vocab_size", d.bpe_vocab_size), ("generation.num_samples", g.num_samples),
+            ("data.bpe_vocab_size", d.bpe_vocab_size), ("data.bpe_train_bytes", d.bpe_train_bytes),
+            ("generation.num_samples", g.num_samples),
             ("advanced.lora_rank", a.lora_rank), ("advanced.speculative_gamma", a.speculative_gamma),
             ("advanced.quantize_group_size", a.quantize_group_size),
         ]:

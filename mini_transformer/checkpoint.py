@@ -262,8 +262,16 @@ def read_train_state(directory: Path, map_location: str | torch.device = "cpu") 
 
 def load_model(directory: Path, device: str | torch.device = "cpu",
                config: Optional[Config] = None) -> Transformer:
-    """Build the model of a checkpoint directory and load its weights."""
+    """Build the model of a checkpoint directory and load its weights.
+
+    A quantized checkpoint (``mini-transformer quantize``) comes back with its int8/int4 layers;
+    a LoRA training run's checkpoint comes back with its adapters in place.
+    """
     config = config or read_config(directory)
+    from .quantize import load_quantized, read_quantization_meta
+
+    if read_quantization_meta(directory) is not None:
+        return load_quantized(directory, config.model).to(device)
     # Built on the meta device (no time spent on a random init), then given real storage.
     with torch.device("meta"):
         model = Transformer(config.model)
@@ -273,7 +281,14 @@ def load_model(directory: Path, device: str | torch.device = "cpu",
                                                 config.model.rope_base)
     if config.model.tie_embeddings:  # to_empty gives the two modules separate storage: tie again
         model.lm_head.weight = model.tok_emb.weight
-    load_weights_into(model, read_weights(directory / WEIGHTS_FILE), directory)
+    state = read_weights(directory / WEIGHTS_FILE)
+    if any(".lora_A" in name for name in state):
+        from .lora import apply_lora
+
+        a = config.advanced
+        apply_lora(model, rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
+                   targets=tuple(a.lora_targets))
+    load_weights_into(model, state, directory)
     return model.to(device)
 
 
@@ -283,13 +298,73 @@ def load_tokenizer_from(directory: Path):
     return load_tokenizer(directory)
 
 
-def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu"):
+def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                       adapter: Optional[str | os.PathLike] = None, quantize: Optional[str] = None,
+                       group_size: Optional[int] = None):
     """``(model, config, tokenizer)`` from a checkpoint directory or a run's ``out_dir``.
 
-    The model is in eval mode on ``device``.
+    ``adapter`` adds a LoRA adapter directory (checked against this base); ``quantize``
+    (``int8``/``int4``) quantizes the weights on load. The model is in eval mode on ``device``.
     """
     directory = resolve_checkpoint(path, prefer="best")
     config = read_config(directory)
-    model = load_model(directory, device, config)
+    model = load_model(directory, "cpu", config)
+    if adapter is not None:
+        from .lora import load_adapter
+
+        load_adapter(adapter, model)
+    if quantize is not None:
+        from .quantize import is_quantized, quantize_model
+
+        if not is_quantized(model):
+            model = quantize_model(model, quantize, group_size or config.advanced.quantize_group_size,
+                                   include_embedding=config.advanced.quantize_embedding)
+    model = model.to(device)
     model.eval()
     return model, config, load_tokenizer_from(directory)
+
+
+def save_inference_checkpoint(directory: str | os.PathLike, model: Transformer, config: Config, tokenizer: Any,
+                              extra_meta: Optional[dict[str, Any]] = None) -> Path:
+    """A checkpoint for generation only (weights, config, tokenizer), written as one atomic step.
+
+    Used by ``merge`` and ``quantize``. An existing checkpoint at ``directory`` is replaced
+    only once the new one is complete.
+    """
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    try:
+        if is_quantized_model(model):
+            from .quantize import save_quantized
+
+            save_quantized(tmp, model)
+            config.save(tmp / CONFIG_FILE)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            meta = {"format_version": FORMAT_VERSION, "step": None, "model_fingerprint": model_fingerprint(config.model),
+                    "has_train_state": False}
+            meta.update(extra_meta or {})
+            atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))
+        else:
+            _write_checkpoint_files(tmp, 0, model, config, tokenizer, None, None, extra_meta)
+        fsync_dir(tmp)
+        if final.exists():
+            old = final.parent / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def is_quantized_model(model: torch.nn.Module) -> bool:
+    from .quantize import is_quantized
+
+    return is_quantized(model)

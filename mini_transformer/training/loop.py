@@ -346,6 +346,11 @@ class Trainer:
         directory = ckpt.save_checkpoint(
             self.out_dir, self.step, self.model, self.config, self.tokenizer, state,
             best_val_loss=self.best_val_loss, is_best=is_best, keep_last=self.t.keep_last)
+        if self.config.advanced.use_lora and (is_best or self.best_val_loss is None):
+            from ..lora import save_adapter
+
+            # The adapter on its own (a few hundred KB): what `merge` and `generate --adapter` take.
+            save_adapter(self.out_dir / "adapter", self.model)
         return directory
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -363,6 +368,8 @@ class Trainer:
                    unit="it", dynamic_ncols=True, desc="train")
         last_log_time, last_log_step = time.perf_counter(), self.step
         last_saved: Optional[Path] = None
+        if self.step == 0:  # where training starts from: the baseline of the curve (and of fine-tuning)
+            self._evaluate(lr=learning_rate_at(0, t), bar=bar)
         with _StopFlag() as stop:
             while self.step < t.max_iters:
                 lr = learning_rate_at(self.step, t)
@@ -382,18 +389,15 @@ class Trainer:
                     self._record({"iter": self.step, "train_loss": loss, "lr": lr, "grad_norm": grad_norm,
                                   "tokens_per_s": tokens_per_s, "mfu": mfu, "dropout": dropout,
                                   "time_s": now - started})
-                if self.step % t.eval_interval == 0 or self.step == t.max_iters:
-                    losses = self.estimate_loss()
-                    improved = self.best_val_loss is None or losses["val"] < self.best_val_loss
-                    if improved:
-                        self.best_val_loss = losses["val"]
-                    if self.dist.is_main and self.log is not None:
-                        bar.write(f"step {self.step}: train loss {losses['train']:.4f}, "
-                                  f"val loss {losses['val']:.4f}, val ppl {math.exp(losses['val']):.2f}")
-                    self._record({"iter": self.step, "eval_train_loss": losses["train"], "val_loss": losses["val"],
-                                  "val_ppl": math.exp(losses["val"]), "lr": lr})
-                    if improved or t.always_save_checkpoint or self.step == t.max_iters:
+                out_of_time = t.max_seconds is not None and time.perf_counter() - started >= t.max_seconds
+                last_step = self.step == t.max_iters or out_of_time
+                if self.step % t.eval_interval == 0 or last_step:
+                    improved = self._evaluate(lr, bar)
+                    if improved or t.always_save_checkpoint or last_step:
                         last_saved = self.save(is_best=improved) or last_saved
+                if out_of_time:
+                    self._say(f"stopping at step {self.step}: training.max_seconds ({t.max_seconds:g} s) reached")
+                    break
                 if stop.requested:
                     last_saved = self.save() or last_saved
                     bar.close()
@@ -412,6 +416,19 @@ class Trainer:
         result.step, result.best_val_loss, result.checkpoint = self.step, self.best_val_loss, last_saved
         result.seconds = time.perf_counter() - started
         return result
+
+    def _evaluate(self, lr: float, bar) -> bool:
+        """Estimate train/val loss, log them, and track the best; True if val loss improved."""
+        losses = self.estimate_loss()
+        improved = self.best_val_loss is None or losses["val"] < self.best_val_loss
+        if improved and self.step > 0:
+            self.best_val_loss = losses["val"]
+        if self.dist.is_main and self.log is not None:
+            bar.write(f"step {self.step}: train loss {losses['train']:.4f}, "
+                      f"val loss {losses['val']:.4f}, val ppl {math.exp(losses['val']):.2f}")
+        self._record({"iter": self.step, "eval_train_loss": losses["train"], "val_loss": losses["val"],
+                      "val_ppl": math.exp(losses["val"]), "lr": lr})
+        return improved
 
     def _record(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:

@@ -1,0 +1,284 @@
+"""Benchmarks that print tables: training and generation speed, memory, MFU, and the HF peer.
+
+Every speed is the median of several timed repetitions after warm-up; MFU is measured against
+the matmul ceiling of the same dtype, measured in the same run. Nothing here is a test: these
+functions return rows and the CLI prints them (``mini-transformer bench``).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .config import Config, ModelConfig, load_config
+from .device import autocast, dtype_name, resolve_device, resolve_dtype
+from .model import Transformer
+from .profile import count_parameters, flops_per_token, human_bytes, measure_matmul_flops, measure_training_step_peak
+
+VOCAB_SIZE = 65  # Tiny Shakespeare's characters: the setting of the seed's table
+
+
+@dataclass
+class BenchSettings:
+    presets: list[str] = field(default_factory=lambda: ["tiny", "small", "medium", "large"])
+    batch_size: int = 32
+    block_size: Optional[int] = 256  # None: each preset's own block_size
+    dtype: str = "auto"
+    device: str = "auto"
+    steps: int = 5
+    warmup: int = 2
+    gen_tokens: int = 200
+    prompt_tokens: int = 8
+    memory: bool = True
+    compile: bool = False
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, PyTorch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()} CPU ({torch.backends.cpu.get_cpu_capability()}), "
+            f"{torch.get_num_threads()} threads, PyTorch {torch.__version__}")
+
+
+def preset_model_config(preset: str, block_size: Optional[int], norm: Optional[str] = None) -> ModelConfig:
+    config = load_config(preset=preset).model
+    config.vocab_size = VOCAB_SIZE
+    config.dropout = 0.0
+    if block_size:
+        config.block_size = block_size
+    if norm:
+        config.norm = norm
+    return config
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs, after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def training_step_fn(model: torch.nn.Module, batch: int, block: int, vocab: int, device: torch.device,
+                     dtype: torch.dtype, loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+                     compile_model: bool = False, fused_adamw: bool = True) -> Callable[[], None]:
+    """One full step: forward, loss, backward, clip to 1.0, AdamW step, zero grads.
+
+    ``fused_adamw`` picks the fused kernel (what our training loop uses); the peer gets PyTorch's
+    default AdamW, as a user of it would.
+    """
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (batch, block), generator=generator).to(device)
+    y = torch.randint(0, vocab, (batch, block), generator=generator).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if fused_adamw and device.type in ("cpu", "cuda"):
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+    forward = torch.compile(model) if compile_model else model
+    model.train()
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = loss_fn(forward, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _our_loss(model, x, y):
+    return model(x, y).loss
+
+
+def our_generation_fn(model: Transformer, prompt: list[int], new_tokens: int, use_cache: bool = True):
+    from .generation import generate
+
+    def run() -> None:
+        out = generate(model, prompt, max_new_tokens=new_tokens, temperature=0.0, use_cache=use_cache)
+        assert len(out) == new_tokens
+
+    return run
+
+
+def bench_preset(preset: str, settings: BenchSettings) -> dict[str, Any]:
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    config = preset_model_config(preset, settings.block_size)
+    params = count_parameters(config)
+    torch.manual_seed(0)
+    model = Transformer(config).to(device)
+    big = params.total > 50e6
+    steps = max(2, settings.steps // 2) if big else settings.steps
+    step = training_step_fn(model, settings.batch_size, config.block_size, VOCAB_SIZE, device, dtype, _our_loss,
+                            settings.compile)
+    seconds = median_time(step, steps, 1 if big else settings.warmup, device)
+    tokens_per_s = settings.batch_size * config.block_size / seconds
+    peak = measure_matmul_flops(device, dtype)
+    mfu = flops_per_token(config)[1] * tokens_per_s / peak
+
+    model.eval()
+    gen_model = model.to(dtype) if dtype is not torch.float32 else model
+    prompt = list(range(1, settings.prompt_tokens + 1))
+    gen_seconds = median_time(our_generation_fn(gen_model, prompt, settings.gen_tokens), 3, 1, device)
+    row = {
+        "preset": preset, "params": params.total, "batch_size": settings.batch_size,
+        "block_size": config.block_size, "dtype": dtype_name(dtype), "device": str(device),
+        "train_tokens_per_s": tokens_per_s, "train_step_s": seconds, "train_steps_timed": steps,
+        "generate_tokens_per_s": settings.gen_tokens / gen_seconds, "mfu": mfu, "matmul_peak_flops": peak,
+    }
+    if settings.memory:
+        full = Config()
+        full.model = config
+        full.training.batch_size = settings.batch_size
+        full.training.dtype = settings.dtype
+        full.training.device = settings.device
+        row["peak_memory_bytes"] = measure_training_step_peak(full)["peak_bytes"]
+        full.training.gradient_checkpointing = True
+        row["peak_memory_checkpointed_bytes"] = measure_training_step_peak(full)["peak_bytes"]
+    return row
+
+
+def bench_table(rows: list[dict[str, Any]]) -> str:
+    header = ("| preset | parameters | peak memory (train step) | with grad. checkpointing | train tokens/s "
+              "| MFU | generate tokens/s (batch 1, KV-cache) |")
+    lines = [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        mem = human_bytes(r["peak_memory_bytes"]) if "peak_memory_bytes" in r else "-"
+        ckpt = human_bytes(r["peak_memory_checkpointed_bytes"]) if "peak_memory_checkpointed_bytes" in r else "-"
+        lines.append(f"| {r['preset']} | {r['params'] / 1e6:.2f}M | {mem} | {ckpt} | "
+                     f"{r['train_tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['generate_tokens_per_s']:,.0f} |")
+    return "\n".join(lines)
+
+
+# -- the peer: Hugging Face LlamaForCausalLM with the same dimensions -----------------------------
+
+def hf_llama_like(config: ModelConfig):
+    """LlamaForCausalLM with our dimensions: RMSNorm, RoPE, SwiGLU of the same hidden size, tied."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        from .errors import UserError
+
+        raise UserError("--compare hf needs transformers: pip install 'mini-transformer[hf]'") from None
+    hf_config = LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.hidden_size,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.kv_heads, max_position_embeddings=config.block_size,
+        rms_norm_eps=config.norm_eps, rope_theta=config.rope_base, tie_word_embeddings=True,
+        attention_bias=False, mlp_bias=False, attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(hf_config)
+
+
+def _hf_loss(model, x, y):
+    logits = model(input_ids=x).logits
+    return torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+
+
+def compare_with_hf(preset: str, dtype_spec: str, batch_size: int = 32, block_size: Optional[int] = None,
+                    device_spec: str = "auto", steps: int = 5, warmup: int = 2, gen_tokens: int = 200,
+                    prompt_tokens: int = 8, compile_model: bool = False) -> dict[str, Any]:
+    """Time a training step and greedy generation for ours and the peer, one after the other."""
+    device = resolve_device(device_spec)
+    dtype = resolve_dtype(dtype_spec, device)
+    config = preset_model_config(preset, block_size, norm="rmsnorm")
+    torch.manual_seed(0)
+    ours = Transformer(config).to(device)
+    peer = hf_llama_like(config).to(device)
+    ours_step = training_step_fn(ours, batch_size, config.block_size, VOCAB_SIZE, device, dtype, _our_loss,
+                                 compile_model)
+    peer_step = training_step_fn(peer, batch_size, config.block_size, VOCAB_SIZE, device, dtype, _hf_loss,
+                                 fused_adamw=False)
+    ours_train = median_time(ours_step, steps, warmup, device)
+    peer_train = median_time(peer_step, steps, warmup, device)
+
+    prompt = list(range(1, prompt_tokens + 1))
+    for model in (ours, peer):
+        model.eval()
+        if dtype is not torch.float32:
+            model.to(dtype)
+    ours_gen = median_time(our_generation_fn(ours, prompt, gen_tokens), 3, 1, device)
+    input_ids = torch.tensor([prompt], device=device)
+    attention_mask = torch.ones_like(input_ids)
+
+    def peer_generate() -> None:
+        with torch.no_grad():
+            out = peer.generate(input_ids, attention_mask=attention_mask, do_sample=False,
+                                max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, pad_token_id=0)
+        assert out.shape[1] == prompt_tokens + gen_tokens
+
+    peer_gen = median_time(peer_generate, 3, 1, device)
+    tokens = batch_size * config.block_size
+    return {
+        "preset": preset, "dtype": dtype_name(dtype), "device": str(device), "batch_size": batch_size,
+        "block_size": config.block_size,
+        "ours_train_tokens_per_s": tokens / ours_train, "peer_train_tokens_per_s": tokens / peer_train,
+        "train_ratio": peer_train / ours_train,
+        "ours_generate_tokens_per_s": gen_tokens / ours_gen, "peer_generate_tokens_per_s": gen_tokens / peer_gen,
+        "generate_ratio": peer_gen / ours_gen,
+    }
+
+
+def compare_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| preset | dtype | batch x block | train tok/s, ours | train tok/s, HF Llama | ratio "
+             "| generate tok/s, ours | generate tok/s, HF Llama | ratio |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(
+            f"| {r['preset']} | {r['dtype']} | {r['batch_size']} x {r['block_size']} | "
+            f"{r['ours_train_tokens_per_s']:,.0f} | {r['peer_train_tokens_per_s']:,.0f} | {r['train_ratio']:.2f}x | "
+            f"{r['ours_generate_tokens_per_s']:,.0f} | {r['peer_generate_tokens_per_s']:,.0f} | "
+            f"{r['generate_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def write_results(out_dir: Path, name: str, markdown: str, rows: list[dict[str, Any]], machine: str) -> None:
+    from .atomic import atomic_write_text
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / f"{name}.md", f"Machine: {machine}\n\n{markdown}\n")
+    atomic_write_text(out_dir / f"{name}.json", json.dumps({"machine": machine, "rows": rows}, indent=2))
+
+
+def profile_training(preset: str, out_path: Path, steps: int = 3, batch_size: int = 32,
+                     block_size: Optional[int] = None, dtype_spec: str = "auto",
+                     device_spec: str = "auto") -> str:
+    """A torch.profiler Chrome trace of a few training steps; returns the top-operator table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = resolve_device(device_spec)
+    dtype = resolve_dtype(dtype_spec, device)
+    config = preset_model_config(preset, block_size)
+    model = Transformer(config).to(device)
+    step = training_step_fn(model, batch_size, config.block_size, VOCAB_SIZE, device, dtype, _our_loss)
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out_path))
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=20)

@@ -1,0 +1,89 @@
+"""``mini-transformer bench``: the seed's benchmark table, measured here; the HF peer side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import add_command
+
+EXAMPLES = """\
+  mini-transformer bench                                  # tiny..large, batch 32, block 256
+  mini-transformer bench --presets tiny small --dtype fp32 --no-memory
+  mini-transformer bench --compare hf                     # ours vs transformers' LlamaForCausalLM
+  mini-transformer bench --compare hf --presets small --dtype bf16
+  mini-transformer bench --profile --presets small        # Chrome trace + top operators
+"""
+
+
+def register(subparsers) -> None:
+    parser = add_command(
+        subparsers, "bench", help="measure training/generation speed, memory and MFU",
+        description="Measure, on this machine: parameters, peak memory of a training step (with and "
+                    "without gradient checkpointing), training tokens/s, MFU against the matmul ceiling "
+                    "measured in the same run, and generation tokens/s at batch 1 with the KV-cache. "
+                    "Writes markdown and JSON to --out.",
+        examples=EXAMPLES)
+    parser.add_argument("--presets", nargs="+", default=None, metavar="NAME",
+                        help="presets to run (default: tiny small medium large; with --compare: tiny small)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--block_size", type=int, default=None,
+                        help="context length (default 256 for the table, each preset's own with --compare)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="with --compare, 'auto' runs both fp32 and bf16")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps (median); large takes fewer")
+    parser.add_argument("--gen_tokens", type=int, default=200)
+    parser.add_argument("--compile", action="store_true", help="torch.compile our model")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the peak-memory measurements (each runs in a fresh process)")
+    parser.add_argument("--compare", choices=["hf"], help="also time Hugging Face LlamaForCausalLM")
+    parser.add_argument("--profile", action="store_true",
+                        help="write a torch.profiler Chrome trace of a few training steps and print top ops")
+    parser.add_argument("--out", default="bench_out", metavar="DIR", help="where markdown and JSON go")
+    parser.set_defaults(run=run)
+
+
+def run(args, overrides: list[str]) -> int:
+    import torch
+
+    from .. import benchmark as bench
+    from ..device import resolve_device
+
+    out = Path(args.out)
+    device = resolve_device(args.device)
+    machine = bench.machine_description(device)
+    print(f"machine: {machine}")
+    if args.profile:
+        for preset in args.presets or ["small"]:
+            trace = out / f"trace-{preset}.json"
+            table = bench.profile_training(preset, trace, batch_size=args.batch_size, block_size=args.block_size,
+                                           dtype_spec=args.dtype, device_spec=args.device)
+            print(f"\n{preset}: Chrome trace written to {trace} (open in chrome://tracing or Perfetto)\n{table}")
+        return 0
+    if args.compare:
+        dtypes = ["fp32", "bf16"] if args.dtype == "auto" else [args.dtype]
+        rows = []
+        for preset in args.presets or ["tiny", "small"]:
+            for dtype in dtypes:
+                rows.append(bench.compare_with_hf(preset, dtype, args.batch_size, args.block_size, args.device,
+                                                  args.steps, gen_tokens=args.gen_tokens,
+                                                  compile_model=args.compile))
+                print(bench.compare_table(rows[-1:]).splitlines()[-1], flush=True)
+        table = bench.compare_table(rows)
+        print(f"\nours vs Hugging Face LlamaForCausalLM (same dimensions, sdpa, {torch.get_num_threads()} threads); "
+              f"ratio = our speed / peer speed\n\n{table}")
+        bench.write_results(out, "compare_hf", table, rows, machine)
+        return 0
+    settings = bench.BenchSettings(
+        presets=args.presets or ["tiny", "small", "medium", "large"], batch_size=args.batch_size,
+        block_size=args.block_size or 256, dtype=args.dtype, device=args.device, steps=args.steps,
+        gen_tokens=args.gen_tokens, memory=args.memory, compile=args.compile)
+    rows = []
+    for preset in settings.presets:
+        rows.append(bench.bench_preset(preset, settings))
+        print(bench.bench_table(rows[-1:]).splitlines()[-1], flush=True)
+    table = bench.bench_table(rows)
+    print(f"\nbatch {settings.batch_size}, block {settings.block_size}, dtype {rows[0]['dtype']}, "
+          f"vocab {bench.VOCAB_SIZE}\n\n{table}")
+    bench.write_results(out, "bench", table, rows, machine)
+    return 0

@@ -556,7 +556,7 @@ def read_quantization_meta(path: str | os.PathLike) -> Optional[dict[str, Any]]:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except (SafetensorError, OSError) as exc:
-        raise UserError(f"{path} is not a readable safetensors file ({exc}); use another checkpoint") from None
+        raise UserError(f"{path} is corrupt, not a readable safetensors file ({exc}); use another checkpoint") from None
     text = header.get("quantization_meta")
     return json.loads(text) if text else None
 

@@ -1,0 +1,71 @@
+"""``make demo``: prepare data, train the tiny preset on the CPU for about two minutes, stream a sample.
+
+The data is ``data/input.txt`` if it exists, else Tiny Shakespeare if it can be downloaded, else
+this Python's own standard library (no network needed). Run as ``python -m mini_transformer.demo``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from .config import load_config
+from .errors import UserError
+
+OUT_DIR = "out-demo"
+TIME_BUDGET_S = 150.0  # training stops here at the latest, evaluated and saved
+
+
+def choose_data() -> tuple[list[str], str, str]:
+    """(config overrides, a description, a prompt that suits the text)."""
+    if Path("data/input.txt").is_file():
+        return ["--data.path", "data/input.txt"], "data/input.txt", "\n"
+    from .data import dataset_sources
+
+    try:
+        dataset_sources("shakespeare", "data/cache")
+        return ["--data.dataset", "shakespeare"], "Tiny Shakespeare (downloaded)", "ROMEO:"
+    except UserError as exc:
+        print(f"note: {exc}", file=sys.stderr)
+    return ["--data.dataset", "pystdlib"], "the Python standard library's source (offline corpus)", "def "
+
+
+def main() -> int:
+    from .checkpoint import load_for_inference
+    from .generation import generate_stream, stream_text
+    from .training import train
+
+    started = time.perf_counter()
+    data_overrides, description, prompt = choose_data()
+    print(f"data: {description}")
+    config = load_config(preset="tiny", overrides=[
+        *data_overrides,
+        "--model.dropout", "0.0",
+        "--training.batch_size", "16", "--training.max_iters", "1200", "--training.warmup_iters", "50",
+        "--training.learning_rate", "2e-3", "--training.min_lr", "2e-4", "--training.beta2", "0.99",
+        "--training.eval_interval", "300", "--training.eval_iters", "20", "--training.log_interval", "20",
+        "--training.max_seconds", str(TIME_BUDGET_S), "--training.out_dir", OUT_DIR,
+    ])
+    try:
+        result = train(config)
+        model, _, tokenizer = load_for_inference(OUT_DIR)
+        print(f"\ntrained {result.step} steps in {result.seconds:.0f} s; "
+              f"val loss {result.final_val_loss:.3f}. A sample (temperature 0.8, top-k 50):\n")
+        print(prompt, end="", flush=True)
+        tokens = generate_stream(model, tokenizer.encode(prompt), max_new_tokens=300, temperature=0.8,
+                                 top_k=50, seed=1337)
+        for piece in stream_text(tokens, tokenizer.decode):
+            print(piece, end="", flush=True)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"\n\ncheckpoint: {Path(OUT_DIR).resolve()}  (done in {time.perf_counter() - started:.0f} s)")
+    print(f"next: python generate.py --checkpoint {OUT_DIR} --prompt {prompt.strip() or 'Hello'!r} --stream")
+    print(f"      python generate.py --checkpoint {OUT_DIR} --interactive")
+    print(f"      mini-transformer plot {OUT_DIR}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,461 @@
+"""The generation engine with tiny random models: sampling filters against plain-Python references,
+cached == uncached, batch == single, streaming text, speculative decoding, attention maps."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from mini_transformer.config import ModelConfig
+from mini_transformer.errors import UserError
+from mini_transformer.generation import (
+    PromptTruncatedWarning, SamplingParams, SpeculativeStats, StopStrings, TextStreamer,
+    apply_repetition_penalty, generate, generate_batch, generate_batch_stream, generate_stream,
+    min_p_filter, next_token_probs, sample_next_token, save_attention, speculative_accept,
+    speculative_generate, stream_text, top_k_filter, top_p_filter, truncate_at_stop,
+)
+from mini_transformer.model import Transformer
+
+VOCAB = 61
+
+
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    # init_std 0.3: a default-init random model repeats one token forever, which would make
+    # equality tests pass trivially; a larger init gives varied greedy output.
+    base = dict(vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2, block_size=32, dropout=0.0, init_std=0.3)
+    base.update(overrides)
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**base)).eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models are fastest on one thread; with two threads on a shared, busy 2-core machine,
+    # each small matmul waits for a descheduled worker and the tests get 10-40x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    return tiny_model()
+
+
+# -- sampling filters against plain-Python references -------------------------------------
+
+def ref_softmax(row: np.ndarray) -> np.ndarray:
+    e = np.exp(row - row.max())
+    return e / e.sum()
+
+
+def ref_top_k(row: np.ndarray, k: int) -> set[int]:
+    return set(np.argsort(-row, kind="stable")[:k].tolist())
+
+
+def ref_top_p(row: np.ndarray, p: float) -> set[int]:
+    probs = ref_softmax(row)
+    kept, total = set(), 0.0
+    for i in np.argsort(-probs, kind="stable"):
+        kept.add(int(i))
+        total += probs[i]
+        if total >= p:
+            break
+    return kept
+
+
+def ref_min_p(row: np.ndarray, min_p: float) -> set[int]:
+    probs = ref_softmax(row)
+    return {i for i in range(len(row)) if probs[i] >= min_p * probs.max()}
+
+
+def kept(filtered: torch.Tensor) -> list[set[int]]:
+    return [set(torch.nonzero(torch.isfinite(r)).flatten().tolist()) for r in filtered]
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 50])
+def test_top_k_matches_reference(k):
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(k)) * 3
+    for row, got in zip(logits.double().numpy(), kept(top_k_filter(logits, k))):
+        assert got == ref_top_k(row, k)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9, 0.99, 1.0])
+def test_top_p_matches_reference(p):
+    logits = torch.randn(8, 40, generator=torch.Generator().manual_seed(int(p * 100))) * 2
+    for row, got in zip(logits.double().numpy(), kept(top_p_filter(logits, p))):
+        assert got == ref_top_p(row, p)
+        assert len(got) >= 1
+
+
+@pytest.mark.parametrize("min_p", [0.0, 0.05, 0.2, 0.9])
+def test_min_p_matches_reference(min_p):
+    logits = torch.randn(8, 40, generator=torch.Generator().manual_seed(7)) * 2
+    for row, got in zip(logits.double().numpy(), kept(min_p_filter(logits, min_p))):
+        assert got == ref_min_p(row, min_p)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0, -1.0]]
+
+
+def test_temperature_zero_is_argmax_and_filters_keep_at_least_one():
+    logits = torch.randn(5, 30)
+    assert torch.equal(sample_next_token(logits, SamplingParams(temperature=0)), logits.argmax(-1))
+    params = SamplingParams(temperature=0.5, top_k=1, top_p=0.01, min_p=0.99)
+    for _ in range(3):
+        assert torch.equal(sample_next_token(logits, params), logits.argmax(-1))
+
+
+def test_sampling_follows_the_filtered_softmax():
+    logits = torch.tensor([[1.0, 0.5, 0.0, -1.0, -3.0]])
+    params = SamplingParams(temperature=0.7, top_k=4)
+    probs = next_token_probs(logits, params)[0]
+    draws = sample_next_token(logits.expand(20000, -1), params, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).float() / 20000
+    assert freq[4] == 0
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5),
+                                 dict(min_p=-1.0), dict(repetition_penalty=0.0)])
+def test_bad_sampling_parameters_raise_user_error(bad):
+    with pytest.raises(UserError):
+        SamplingParams(**bad)
+
+
+# -- the engine ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_kv_heads", [None, 1], ids=["MHA", "MQA"])
+def test_greedy_cached_equals_uncached_token_for_token(n_kv_heads):
+    m = tiny_model(n_kv_heads=n_kv_heads)
+    prompt = [3, 14, 15, 9, 26]
+    cached = generate(m, prompt, max_new_tokens=20, temperature=0)
+    uncached = generate(m, prompt, max_new_tokens=20, temperature=0, use_cache=False)
+    assert cached == uncached
+    assert len(set(cached)) > 3  # not a degenerate repeat
+
+
+def test_generation_runs_past_block_size_with_sliding_window(model):
+    prompt = [1, 2, 3]
+    n = 3 * model.config.block_size  # several slides of the window
+    cached = generate(model, prompt, max_new_tokens=n, temperature=0)
+    uncached = generate(model, prompt, max_new_tokens=n, temperature=0, use_cache=False)
+    assert len(cached) == n
+    assert cached == uncached  # both apply the same window rule
+    assert not model.has_kv_cache  # the cache is released afterwards
+
+
+def test_the_window_slides_to_the_last_context_keep_tokens(model):
+    block = model.config.block_size
+    prompt = [1, 2, 3]
+    seq = prompt + generate(model, prompt, max_new_tokens=block + 4, temperature=0)
+    # At len(seq) == block + 1 the window outgrows the context: it restarts at the last block // 2.
+    start = block + 1 - block // 2
+    assert generate(model, seq[start:block + 1], max_new_tokens=3, temperature=0) == seq[block + 1:block + 4]
+    # A different context_keep gives a different (equally valid) continuation rule.
+    keep = 8
+    seq8 = prompt + generate(model, prompt, max_new_tokens=block + 4, temperature=0, context_keep=keep)
+    again = generate(model, seq8[block + 1 - keep:block + 1], max_new_tokens=3, temperature=0)
+    assert again == seq8[block + 1:block + 4]
+
+
+def test_long_prompt_is_cropped_with_a_warning(model):
+    long_prompt = list(range(model.config.block_size + 10))
+    with pytest.warns(PromptTruncatedWarning):
+        out = generate(model, long_prompt, max_new_tokens=5, temperature=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cropped = generate(model, long_prompt[-model.config.block_size:], max_new_tokens=5, temperature=0)
+    assert out == cropped
+
+
+def test_batch_equals_single_for_prompts_of_different_lengths(model):
+    prompts = [[5], [7, 8, 9, 10, 11, 12, 13], [20, 21, 22], list(range(30, 60))]
+    # 40 new tokens: the longest row slides its window while the others do not.
+    batch = generate_batch(model, prompts, max_new_tokens=40, temperature=0)
+    alone = [generate(model, p, max_new_tokens=40, temperature=0) for p in prompts]
+    assert batch == alone
+    assert generate_batch(model, prompts, max_new_tokens=40, temperature=0, use_cache=False) == alone
+
+
+def test_batch_with_math_attention_does_not_produce_nan():
+    m = tiny_model(attention="math")
+    prompts = [[5], [7, 8, 9, 10]]
+    assert generate_batch(m, prompts, max_new_tokens=8, temperature=0) == [
+        generate(m, p, max_new_tokens=8, temperature=0) for p in prompts]
+    assert all(b.attn.attention == "math" for b in m.blocks)
+
+
+def test_same_seed_same_tokens_and_different_seed_differs(model):
+    kwargs = dict(max_new_tokens=30, temperature=1.0, top_k=20, top_p=0.95, min_p=0.01, repetition_penalty=1.2)
+    a = generate(model, [1, 2, 3], seed=123, **kwargs)
+    b = generate(model, [1, 2, 3], seed=123, **kwargs)
+    c = generate(model, [1, 2, 3], seed=124, **kwargs)
+    assert a == b and a != c
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert generate(model, [4], generator=g1, **kwargs) == generate(model, [4], generator=g2, **kwargs)
+
+
+def test_stop_ids_end_generation_and_are_not_yielded(model):
+    free = generate(model, [1, 2, 3], max_new_tokens=20, temperature=0)
+    stop = free[5]
+    first = free.index(stop)
+    assert generate(model, [1, 2, 3], max_new_tokens=20, temperature=0, stop_ids=[stop]) == free[:first]
+
+
+def test_batch_stream_marks_finished_rows_with_none(model):
+    prompts = [[1, 2, 3], [9]]
+    free = generate(model, prompts[0], max_new_tokens=10, temperature=0)
+    steps = list(generate_batch_stream(model, prompts, max_new_tokens=10, temperature=0, stop_ids=[free[2]]))
+    assert [s[0] for s in steps[:2]] == free[:2]
+    assert all(s[0] is None for s in steps[free.index(free[2]):])
+    assert len(steps) == 10  # the other row keeps going
+
+
+def test_stream_is_lazy_and_releases_the_cache_when_closed(model):
+    stream = generate_stream(model, [1, 2], max_new_tokens=100, temperature=0)
+    first = [next(stream) for _ in range(3)]
+    assert model.has_kv_cache
+    stream.close()
+    assert not model.has_kv_cache
+    assert first == generate(model, [1, 2], max_new_tokens=3, temperature=0)
+
+
+def test_bad_inputs_raise_user_error(model):
+    with pytest.raises(UserError):
+        generate(model, [], max_new_tokens=3)
+    with pytest.raises(UserError):
+        generate(model, [VOCAB + 1], max_new_tokens=3)
+    with pytest.raises(UserError):
+        generate(model, [1], max_new_tokens=-1)
+    assert generate(model, [1], max_new_tokens=0) == []
+
+
+# -- streaming text -----------------------------------------------------------------------
+
+def byte_decode(ids: list[int]) -> str:
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_streamed_pieces_join_to_the_full_text_and_never_split_a_character():
+    text = "héllo wörld — 日本語 🙂 ok"
+    ids = list(text.encode("utf-8"))
+    streamer = TextStreamer(byte_decode)
+    pieces = [streamer.put(t) for t in ids] + [streamer.flush()]
+    assert "".join(pieces) == text == byte_decode(ids)
+    assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces  # something was held back while a character was incomplete
+
+
+def test_stream_text_from_the_engine_equals_non_streamed_text():
+    # A byte-level model: 256 ids, prompt with multi-byte characters.
+    m = tiny_model(vocab_size=256, seed=3)
+    prompt = list("é日".encode("utf-8"))
+    kwargs = dict(max_new_tokens=40, temperature=1.0, seed=0)
+    pieces = list(stream_text(generate_stream(m, prompt, **kwargs), byte_decode))
+    assert "".join(pieces) == byte_decode(generate(m, prompt, **kwargs))
+    assert all(p for p in pieces)
+
+
+def test_incomplete_character_at_the_end_is_flushed_as_replacement():
+    streamer = TextStreamer(byte_decode)
+    assert streamer.put(0xE6) == ""
+    assert streamer.flush() == "\ufffd"
+
+
+def test_stop_strings_end_the_stream_and_are_not_printed():
+    ids = list("once upon a time, THE END and more".encode())
+    pieces = list(stream_text(iter(ids), byte_decode, stop=["THE END", "zzz"]))
+    assert "".join(pieces) == "once upon a time, "
+    assert truncate_at_stop("abc STOP def", ["STOP"]) == ("abc ", True)
+
+
+def test_stop_string_prefix_is_held_back_then_released():
+    stops = StopStrings(["<end>"])
+    assert stops.feed("hello <e") == "hello "
+    assert stops.feed("x") == "<ex"
+    assert stops.feed("<en") == ""
+    assert stops.feed("d> tail") == "" and stops.stopped
+
+
+def test_stop_string_closes_the_generator(model):
+    tokens = generate_stream(model, [1], max_new_tokens=50, temperature=0)
+    decode = lambda ids: "".join(chr(65 + i % 26) for i in ids)  # noqa: E731
+    full = decode(generate(model, [1], max_new_tokens=50, temperature=0))
+    stop = full[10:13]
+    text = "".join(stream_text(tokens, decode, stop=[stop]))
+    assert text == full[:full.index(stop)]
+    assert not model.has_kv_cache
+
+
+# -- speculative decoding -----------------------------------------------------------------
+
+def draft_from_first_layers(target: Transformer, n_layers: int) -> Transformer:
+    """A draft sharing the target's embedding, head and first layers: it agrees often."""
+    cfg = ModelConfig(**{**target.config.__dict__, "n_layers": n_layers})
+    draft = Transformer(cfg).eval()
+    draft.load_state_dict(target.state_dict(), strict=False)
+    return draft
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 6])
+def test_speculative_greedy_equals_target_greedy(model, gamma):
+    draft = tiny_model(seed=1, n_layers=1)  # unrelated random draft: many rejections
+    n = 2 * model.config.block_size  # past the window
+    expected = generate(model, [1, 2, 3], max_new_tokens=n, temperature=0)
+    got, stats = speculative_generate(model, draft, [1, 2, 3], max_new_tokens=n, gamma=gamma, temperature=0)
+    assert got == expected
+    assert stats.emitted == n and 0 <= stats.acceptance_rate <= 1
+    assert not model.has_kv_cache and not draft.has_kv_cache
+
+
+def test_speculative_with_a_shared_structure_draft_accepts_more(model):
+    prompt = [4, 5, 6]
+    related = speculative_generate(model, draft_from_first_layers(model, 1), prompt, max_new_tokens=40,
+                                   temperature=0)[1]
+    unrelated = speculative_generate(model, tiny_model(seed=9, n_layers=1), prompt, max_new_tokens=40,
+                                     temperature=0)[1]
+    assert related.acceptance_rate > unrelated.acceptance_rate
+
+
+def test_speculative_sampling_is_reproducible_and_respects_stop_ids(model):
+    draft = draft_from_first_layers(model, 1)
+    kwargs = dict(max_new_tokens=30, temperature=0.9, top_k=30, repetition_penalty=1.1)
+    a, _ = speculative_generate(model, draft, [1, 2], seed=3, **kwargs)
+    b, _ = speculative_generate(model, draft, [1, 2], seed=3, **kwargs)
+    assert a == b and len(a) == 30
+    c, _ = speculative_generate(model, draft, [1, 2], seed=3, stop_ids=[a[7]], **kwargs)
+    assert c == a[:a.index(a[7])]
+
+
+def test_speculative_rejects_mismatched_vocabularies(model):
+    with pytest.raises(UserError):
+        speculative_generate(model, tiny_model(vocab_size=VOCAB + 1), [1], max_new_tokens=3)
+
+
+def chi_square_critical(df: int, z: float = 3.09) -> float:
+    """Upper critical value of chi-square at about alpha = 0.001 (Wilson-Hilferty)."""
+    h = 2.0 / (9.0 * df)
+    return df * (1.0 - h + z * math.sqrt(h)) ** 3
+
+
+def chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
+    """Pooled chi-square over rows of (observed counts, expected probabilities)."""
+    stat, df = 0.0, 0
+    for observed, p in zip(counts, probs):
+        expected = observed.sum() * p
+        use = expected >= 5  # the usual validity rule; rare cells are left out
+        stat += float((((observed - expected) ** 2)[use] / expected[use]).sum())
+        df += int(use.sum()) - 1
+    return stat, df
+
+
+def test_speculative_accept_rule_gives_the_target_distribution():
+    gen = torch.Generator().manual_seed(0)
+    V, gamma, n = 8, 3, 6000
+    p = torch.softmax(torch.randn(gamma + 1, V, generator=gen) * 1.5, -1)
+    q = torch.softmax(torch.randn(gamma, V, generator=gen) * 1.5, -1)
+    counts = np.zeros(V)
+    for _ in range(n):
+        drafts = [torch.multinomial(q[i], 1, generator=gen).item() for i in range(gamma)]
+        out, _ = speculative_accept(drafts, q, p, gen)
+        counts[out[0]] += 1
+    stat, df = chi_square(counts[None], p[:1].double().numpy())
+    assert stat < chi_square_critical(df), (stat, df)
+    wrong, _ = chi_square(counts[None], q[:1].double().numpy())  # the test can tell q from p
+    assert wrong > chi_square_critical(df)
+
+
+class BigramModel(nn.Module):
+    """A mock with the Transformer's generation interface whose next-token logits depend only on
+    the current token, so every generated token has a known distribution given the one before."""
+
+    def __init__(self, table: torch.Tensor, block_size: int = 64):
+        super().__init__()
+        self.config = ModelConfig(vocab_size=table.shape[0], block_size=block_size)
+        self.tok_emb = nn.Embedding.from_pretrained(table)
+        self.cache_len = 0
+
+    def setup_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> None:
+        self.cache_len = max_len or self.config.block_size
+
+    def clear_kv_cache(self) -> None:
+        self.cache_len = 0
+
+    @property
+    def has_kv_cache(self) -> bool:
+        return self.cache_len > 0
+
+    def forward(self, idx, targets=None, *, input_pos=None, position_ids=None, attn_mask=None, logits_to_keep=0):
+        assert input_pos is None or int(input_pos.max()) < self.cache_len  # never past the cache
+        logits = self.tok_emb(idx)
+        return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits})
+
+
+def test_speculative_sampling_follows_the_target_distribution_chi_square():
+    gen = torch.Generator().manual_seed(1)
+    V = 8
+    table = torch.randn(V, V, generator=gen) * 1.2
+    target = BigramModel(table)
+    draft = BigramModel(table + torch.randn(V, V, generator=gen) * 0.8)  # close, but not equal
+    temperature, n = 0.9, 12000
+    stats = SpeculativeStats()
+    tokens, stats = speculative_generate(target, draft, [0], max_new_tokens=n, gamma=3,
+                                         temperature=temperature, seed=0, stats=stats)
+    seq = [0] + tokens
+    counts = np.zeros((V, V))
+    for a, b in zip(seq[:-1], seq[1:]):
+        counts[a, b] += 1
+    p = torch.softmax(target.tok_emb.weight.double() / temperature, -1).numpy()
+    q = torch.softmax(draft.tok_emb.weight.double() / temperature, -1).numpy()
+    stat, df = chi_square(counts, p)
+    assert stat < chi_square_critical(df), (stat, df)
+    assert chi_square(counts, q)[0] > chi_square_critical(df)  # the draft's distribution is rejected
+    # Theory: a draft is accepted with probability sum_x min(p(x), q(x)), averaged over contexts.
+    overlap = np.minimum(p, q).sum(-1)
+    assert overlap.min() - 0.02 < stats.acceptance_rate < overlap.max() + 0.02
+    assert stats.rounds < n  # several tokens per target forward
+
+
+def test_speculative_first_token_of_real_models_follows_target_softmax():
+    V = 8
+    target = tiny_model(vocab_size=V, n_layers=2, seed=4)
+    draft = tiny_model(vocab_size=V, n_layers=1, seed=5)
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        p = torch.softmax(target(torch.tensor([prompt])).logits[0, -1].double(), -1).numpy()
+    gen = torch.Generator().manual_seed(0)
+    counts = np.zeros(V)
+    for _ in range(1200):
+        out, _ = speculative_generate(target, draft, prompt, max_new_tokens=3, gamma=2, temperature=1.0,
+                                      generator=gen)
+        counts[out[0]] += 1
+    stat, df = chi_square(counts[None], p[None])
+    assert stat < chi_square_critical(df), (stat, df)
+
+
+# -- attention maps -----------------------------------------------------------------------
+
+def test_attention_npz_and_png_are_written_with_the_right_shapes(model, tmp_path):
+    pytest.importorskip("matplotlib")
+    ids = list(range(1, 10)) + generate(model, list(range(1, 10)), max_new_tokens=40, temperature=0)
+    labels = [f"t{i}" for i in ids]
+    npz, png = save_attention(model, ids, tmp_path / "att", labels=labels)
+    data = np.load(npz)
+    T = model.config.block_size  # cropped to the context
+    assert data["attention"].shape == (model.config.n_layers, model.config.n_heads, T, T)
+    assert data["tokens"].tolist() == ids[-T:]
+    assert data["labels"].tolist() == labels[-T:]
+    np.testing.assert_allclose(data["attention"].sum(-1), 1.0, atol=1e-5)  # rows are distributions
+    assert np.allclose(np.triu(data["attention"][0, 0], 1), 0)  # causal
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

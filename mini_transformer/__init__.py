@@ -4,11 +4,13 @@ from .config import (
     AdvancedConfig, Config, DataConfig, GenerationConfig, ModelConfig, TrainingConfig, load_config,
 )
 from .errors import UserError
+from .generation import generate, generate_batch, generate_stream, speculative_generate, stream_text
 from .model import KVCache, Transformer, TransformerOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdvancedConfig", "Config", "DataConfig", "GenerationConfig", "KVCache", "ModelConfig",
-    "TrainingConfig", "Transformer", "TransformerOutput", "UserError", "load_config",
+    "TrainingConfig", "Transformer", "TransformerOutput", "UserError", "generate", "generate_batch",
+    "generate_stream", "load_config", "speculative_generate", "stream_text",
 ]

@@ -118,9 +118,11 @@ class CausalSelfAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         input_pos: Optional[torch.Tensor] = None,
-        attn_mask: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``mask`` (bool, broadcastable to (B, H, T, L), True = may attend) replaces the plain
+        causal mask; :meth:`Transformer._run` builds it once for all layers."""
         B, T, C = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
@@ -129,31 +131,19 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, K, D).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-
-        is_causal = True
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, K, L, D), L = cache length
-            # Keys at cache slots after the newest position are stale: mask them.
-            # mask[t, l] is True where query t (at slot input_pos[t]) may attend key slot l.
-            slots = torch.arange(k.shape[2], device=x.device)
-            mask = slots[None, :] <= input_pos[:, None]  # (T, L)
-            mask = mask[None, None]  # (1, 1, T, L)
-            if attn_mask is not None:
-                mask = mask & attn_mask[:, None, None, :]  # per-row key padding, (B, 1, T, L)
-            attn_mask, is_causal = mask, False
-        elif attn_mask is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            attn_mask, is_causal = causal[None, None] & attn_mask[:, None, None, :], False
 
+        is_causal = mask is None
         dropout_p = self.attn_dropout.p if self.training else 0.0
         weights = None
         if need_weights or self.attention == "math":
-            y, weights = self._math_attention(q, k, v, attn_mask, is_causal, dropout_p)
-        elif self._use_flash(x, attn_mask):
+            y, weights = self._math_attention(q, k, v, mask, is_causal, dropout_p)
+        elif self._use_flash(x, mask):
             y = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                  dropout_p=dropout_p, causal=True).transpose(1, 2)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                is_causal=is_causal, enable_gqa=K != H)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y)), weights
@@ -175,7 +165,8 @@ class CausalSelfAttention(nn.Module):
             attn_mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
-        weights = torch.softmax(scores.float(), dim=-1).type_as(q)
+        # A query row with every key masked (a padding row) gives NaN; make it attend to nothing.
+        weights = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).type_as(q)
         y = F.dropout(weights, p=dropout_p, training=dropout_p > 0) @ v
         return y, weights
 
@@ -206,8 +197,8 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(config)
         self.ffn = SwiGLU(config)
 
-    def forward(self, x, cos, sin, input_pos=None, attn_mask=None, need_weights=False):
-        attn_out, weights = self.attn(self.attn_norm(x), cos, sin, input_pos, attn_mask, need_weights)
+    def forward(self, x, cos, sin, input_pos=None, mask=None, need_weights=False):
+        attn_out, weights = self.attn(self.attn_norm(x), cos, sin, input_pos, mask, need_weights)
         x = x + attn_out
         x = x + self.ffn(self.ffn_norm(x))
         return x, weights
@@ -326,16 +317,32 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, D) or (B, T, D)
             if cos.dim() == 3:
                 cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+        mask = self._attention_mask(T, idx.device, input_pos, attn_mask)
         x = self.emb_dropout(self.tok_emb(idx))  # (B, T, C)
         all_weights = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and input_pos is None:
-                x, weights = checkpoint(block, x, cos, sin, None, attn_mask, need_weights,
-                                        use_reentrant=False)
+                x, weights = checkpoint(block, x, cos, sin, None, mask, need_weights, use_reentrant=False)
             else:
-                x, weights = block(x, cos, sin, input_pos, attn_mask, need_weights)
+                x, weights = block(x, cos, sin, input_pos, mask, need_weights)
             all_weights.append(weights)
         return self.norm(x), all_weights
+
+    def _attention_mask(self, T: int, device, input_pos: Optional[torch.Tensor],
+                        attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The boolean mask every layer uses (True = may attend), or None for plain causal."""
+        if self.has_kv_cache and input_pos is not None:
+            # Query t sits at cache slot input_pos[t]: it sees the slots up to its own. Later
+            # slots hold stale keys from an earlier sequence.
+            slots = torch.arange(self.blocks[0].attn.kv_cache.max_len, device=device)
+            mask = (slots[None, :] <= input_pos[:, None])[None, None]  # (1, 1, T, L)
+        elif attn_mask is not None:
+            mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]  # (1, 1, T, T)
+        else:
+            return None
+        if attn_mask is not None:
+            mask = mask & attn_mask[:, None, None, :]  # per-row key padding: (B, 1, T, L)
+        return mask
 
     # -- introspection --------------------------------------------------------------------
     def num_parameters(self, non_embedding: bool = False) -> int:

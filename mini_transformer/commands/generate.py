@@ -78,6 +78,9 @@ def register(subparsers) -> None:
                        help="a checkpoint directory or a run's out_dir (default: training.out_dir, 'out')")
     model.add_argument("--config", metavar="FILE", help="a YAML config whose generation/advanced sections apply")
     model.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    model.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (from finetune) to apply to the checkpoint")
+    model.add_argument("--quantize", choices=["int8", "int4"],
+                       help="quantize the weights on load (same as --advanced.quantize)")
     extras = parser.add_argument_group("speculative decoding and attention maps")
     extras.add_argument("--draft_checkpoint", metavar="DIR",
                         help="a small draft model with the same tokenizer: speculative decoding")
@@ -205,8 +208,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     check_flags(args)
     file_raw, override_raw = read_config_sections(args.config, overrides)
     device = resolve_device(args.device)
-    model, config, tokenizer = load_for_inference(default_checkpoint(args, file_raw, override_raw), device)
+    model, config, tokenizer = load_for_inference(default_checkpoint(args, file_raw, override_raw), device,
+                                                  adapter=args.adapter)
     config = merged_config(config, file_raw, override_raw, args.config or "config")
+    model = quantize_on_load(model, args.quantize or config.advanced.quantize, config)
     settings = settings_from(config.generation, args)
     session = Session(model, tokenizer, settings, device)
     draft_dir = args.draft_checkpoint or (config.advanced.draft_checkpoint if config.advanced.speculative_sampling
@@ -228,6 +233,17 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if log_attention:
         session.log_attention(generated, args.attention_dir)
     return 0
+
+
+def quantize_on_load(model, mode: Optional[str], config: Config):
+    """The seed's ``advanced.quantize``: weight-only int8/int4 for a smaller, faster model."""
+    from ..quantize import is_quantized, quantize_model
+
+    if mode is None or is_quantized(model):
+        return model
+    device = next(model.buffers()).device
+    return quantize_model(model.cpu(), mode, config.advanced.quantize_group_size,
+                          include_embedding=config.advanced.quantize_embedding).to(device).eval()
 
 
 def read_prompts(path: str) -> list[str]:

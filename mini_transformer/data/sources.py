@@ -1,0 +1,334 @@
+"""Where text comes from, and how it is streamed: input files, standard input, named datasets.
+
+A corpus is an ordered list of :class:`Source` files, read as one stream of bytes with
+``"\\n\\n"`` between files (as the seed README joins them). Everything here streams in blocks,
+so a corpus larger than memory is fine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..atomic import atomic_write_bytes, atomic_write_text
+from ..errors import UserError
+
+SEPARATOR = "\n\n"
+DEFAULT_CHUNK_SIZE = 1 << 20  # bytes read at a time, and the target size of an encoded piece
+GLOB_CHARS = "*?["
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file. ``name`` is what the user sees and what ``meta.json`` records."""
+
+    path: Path
+    name: str
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+
+# -- resolving --input -----------------------------------------------------------------------
+
+def expand_input(spec: str) -> list[Source]:
+    """One ``--input`` entry: a file, a directory (its ``*.txt`` files, recursively) or a glob."""
+    if any(c in spec for c in GLOB_CHARS) and not Path(spec).exists():
+        paths = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        if not paths:
+            raise UserError(f"no files match {spec!r}; check the pattern (quote it so the shell "
+                            "doesn't expand it), e.g. 'data/**/*.txt'")
+        return [Source(Path(p), p) for p in paths]
+    path = Path(spec)
+    if path.is_dir():
+        paths = sorted(p for p in path.rglob("*.txt") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not paths:
+            raise UserError(f"directory {spec!r} has no .txt files; put text files in it or pass a "
+                            "glob for other extensions, e.g. --input 'dir/**/*.md'")
+        return [Source(p, str(p)) for p in paths]
+    if not path.exists():
+        raise UserError(f"input file {spec!r} not found; check the path (or pass a directory or a "
+                        "glob like 'data/*.txt', or --dataset shakespeare|pystdlib)")
+    if not path.is_file():
+        raise UserError(f"input {spec!r} is not a regular file; pass a text file, a directory or a glob")
+    return [Source(path, spec)]
+
+
+def check_not_empty(sources: list[Source]) -> None:
+    for src in sources:
+        if src.size == 0:
+            raise UserError(f"input file {src.name!r} is empty; put text in it or leave it out of the input")
+
+
+@contextlib.contextmanager
+def open_inputs(specs: Iterable[str]) -> Iterator[list[Source]]:
+    """Resolve ``--input`` entries to sources; ``-`` (stdin) is spooled to a temporary file.
+
+    Standard input is read once to disk because the char and BPE tokenizers need two passes.
+    """
+    tmp_paths: list[str] = []
+    try:
+        sources: list[Source] = []
+        for spec in specs:
+            if spec == "-":
+                fd, tmp = tempfile.mkstemp(prefix="mini-transformer-stdin-", suffix=".txt")
+                tmp_paths.append(tmp)
+                with os.fdopen(fd, "wb") as f:
+                    shutil.copyfileobj(sys.stdin.buffer, f, DEFAULT_CHUNK_SIZE)
+                sources.append(Source(Path(tmp), "<stdin>"))
+            else:
+                sources.extend(expand_input(spec))
+        if not sources:
+            raise UserError("no input given; pass --input FILE (or several, a directory, a glob, or -)")
+        check_not_empty(sources)
+        yield sources
+    finally:
+        for tmp in tmp_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+ProgressFn = Optional[Callable[[int], None]]
+
+
+def iter_file_blocks(src: Source, chunk_size: int, on_bytes: ProgressFn = None,
+                     hasher: Optional["hashlib._Hash"] = None) -> Iterator[bytes]:
+    """The bytes of one file in blocks of ``chunk_size``; optionally hashed and counted."""
+    with open(src.path, "rb") as f:
+        while block := f.read(chunk_size):
+            if hasher is not None:
+                hasher.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
+            yield block
+
+
+def iter_corpus_bytes(sources: list[Source], chunk_size: int, on_bytes: ProgressFn = None,
+                      hashers: Optional[list] = None) -> Iterator[bytes]:
+    """All sources as one byte stream, with the separator between files."""
+    for k, src in enumerate(sources):
+        if k:
+            yield SEPARATOR.encode()
+        yield from iter_file_blocks(src, chunk_size, on_bytes, hashers[k] if hashers else None)
+
+
+def _complete_utf8_len(data: bytes) -> int:
+    """Length of ``data`` without a trailing *incomplete* multi-byte UTF-8 sequence (0-3 bytes)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:
+            return len(data)  # ASCII: complete
+        if byte >= 0xC0:  # a lead byte: how long should its sequence be?
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) if back >= need else len(data) - back
+    return len(data)  # only continuation bytes: let the decoder report the error
+
+
+def decode_utf8_blocks(blocks: Iterable[bytes], name: str) -> Iterator[str]:
+    """Decode a file's blocks as UTF-8; a multi-byte character split across blocks is carried over.
+
+    Invalid UTF-8 raises UserError with the byte offset in the file.
+    """
+    pending = b""
+    offset = 0  # file offset of pending[0]
+    for block in blocks:
+        data = pending + block
+        cut = _complete_utf8_len(data)
+        yield _strict_decode(data[:cut], name, offset)
+        offset += cut
+        pending = data[cut:]
+    if pending:
+        yield _strict_decode(pending, name, offset)
+
+
+def _strict_decode(data: bytes, name: str, offset: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"input file {name!r} is not valid UTF-8 at byte offset {offset + exc.start}; use "
+            "--tokenizer byte (data.tokenizer: byte), which takes any bytes, or convert the file "
+            "to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def iter_corpus_text(sources: list[Source], chunk_size: int, on_bytes: ProgressFn = None,
+                     hashers: Optional[list] = None) -> Iterator[str]:
+    """All sources as one stream of text blocks, with the separator between files."""
+    for k, src in enumerate(sources):
+        if k:
+            yield SEPARATOR
+        blocks = iter_file_blocks(src, chunk_size, on_bytes, hashers[k] if hashers else None)
+        yield from decode_utf8_blocks(blocks, src.name)
+
+
+# -- cutting text into pieces that encode independently ------------------------------------
+
+def bpe_safe_cut(buf: str) -> int:
+    """The last position where the GPT-2 pre-tokenizer is guaranteed to split, or 0 if none.
+
+    Cut just before a whitespace character that follows a non-whitespace one. In the GPT-2
+    regex (``'s|'t|...| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+``) only the
+    ``\\s+`` alternatives contain whitespace other than a *leading* space, and a whitespace run
+    starts exactly here, so no pre-token crosses the cut and the regex has no look-behind: both
+    sides pre-tokenize exactly as they do in the whole text. (A cut *inside* a whitespace run
+    would change ``\\s+(?!\\S)``.) Newlines are preferred, then spaces.
+    """
+    for sep in ("\n", " "):
+        i = buf.rfind(sep)
+        while i > 0:
+            if not buf[i - 1].isspace():  # str.isspace covers Unicode White_Space (regex \\s)
+                return i
+            i = buf.rfind(sep, 0, i)
+    return 0
+
+
+def any_cut(buf: str) -> int:
+    """Character-level tokenizers can cut anywhere."""
+    return len(buf)
+
+
+def iter_pieces(texts: Iterable[str], piece_size: int, safe_cut: Callable[[str], int] = any_cut) -> Iterator[str]:
+    """Re-cut a text stream into pieces of about ``piece_size`` characters at safe positions.
+
+    A stretch with no safe position (one enormous word) grows until one appears.
+    """
+    parts: list[str] = []
+    size = 0
+    for text in texts:
+        parts.append(text)
+        size += len(text)
+        if size < piece_size:
+            continue
+        buf = "".join(parts)
+        start = 0
+        while len(buf) - start >= piece_size:
+            # safe_cut only looks at neighbouring characters, so a cut found in a window is
+            # a cut of the whole text.
+            cut = safe_cut(buf[start:start + piece_size]) or safe_cut(buf[start:])
+            if cut == 0:
+                break
+            yield buf[start:start + cut]
+            start += cut
+        parts = [buf[start:]]
+        size = len(parts[0])
+    tail = "".join(parts)
+    if tail:
+        yield tail
+
+
+# -- hashing ---------------------------------------------------------------------------------
+
+def sha256_file(path: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_sha256(path: Path, cache_file: Path) -> str:
+    """sha256 of a file, remembered by (size, mtime) in ``cache_file`` so reruns skip re-reading."""
+    st = path.stat()
+    key = str(path.resolve())
+    try:
+        table = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        table = {}
+    entry = table.get(key)
+    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return entry["sha256"]
+    digest = sha256_file(path)
+    table[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    with contextlib.suppress(OSError):
+        atomic_write_text(cache_file, json.dumps(table, indent=1))
+    return digest
+
+
+# -- named datasets --------------------------------------------------------------------------
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DOWNLOAD_TIMEOUT_S = 10.0
+PYSTDLIB_MAX_BYTES = 4 * 1024 * 1024  # enough for a real corpus, small enough for a quick demo
+PYSTDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+DATASETS = ("shakespeare", "pystdlib")
+
+
+def dataset_sources(name: str, cache_dir: str | os.PathLike) -> list[Source]:
+    """The files of a named corpus (``shakespeare`` is downloaded once into ``cache_dir``)."""
+    if name == "shakespeare":
+        return [shakespeare_source(Path(cache_dir) / "datasets")]
+    if name == "pystdlib":
+        return pystdlib_sources()
+    close = difflib.get_close_matches(name, DATASETS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise UserError(f"unknown dataset {name!r}; {hint}choose one of: {', '.join(DATASETS)}, "
+                    "or pass your own text with --input FILE")
+
+
+def shakespeare_source(directory: Path) -> Source:
+    """Tiny Shakespeare (1.1 MB), downloaded on first use, checked against its sha256."""
+    path = directory / "tinyshakespeare.txt"
+    if not (path.is_file() and sha256_file(path) == SHAKESPEARE_SHA256):
+        data = _download(SHAKESPEARE_URL, "Tiny Shakespeare")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != SHAKESPEARE_SHA256:
+            raise UserError(f"the downloaded Tiny Shakespeare has sha256 {digest[:12]}..., expected "
+                            f"{SHAKESPEARE_SHA256[:12]}...; retry, or pass a trusted copy with --input path/to/input.txt")
+        atomic_write_bytes(path, data)
+    return Source(path, "shakespeare:input.txt")
+
+
+def _download(url: str, what: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            return response.read()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"could not download {what} from {url} ({reason}); if you are offline, "
+                        "pass a local copy instead: --input path/to/input.txt (data.path in a config)") from None
+
+
+def pystdlib_sources(max_bytes: int = PYSTDLIB_MAX_BYTES) -> list[Source]:
+    """This Python's own standard-library ``.py`` files: a real corpus that needs no network.
+
+    Sorted by path (deterministic for a given Python version), test suites and site-packages
+    skipped, files that are not UTF-8 skipped, and at most ``max_bytes`` in all.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    sources: list[Source] = []
+    total = 0
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(part in PYSTDLIB_SKIP_DIRS for part in rel.parts[:-1]) or not path.is_file():
+            continue
+        size = path.stat().st_size
+        if size == 0 or total + size > max_bytes:
+            continue
+        try:
+            path.read_bytes().decode("utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        sources.append(Source(path, f"pystdlib:{rel.as_posix()}"))
+        total += size
+    if not sources:
+        raise UserError(f"no standard-library sources found under {root}; use --input FILE instead")
+    return sources

@@ -55,7 +55,8 @@ def rope_cache(max_positions: int, head_dim: int, base: float, device=None,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, heads, T, D) by position. ``cos``/``sin`` are (T, D) or (B, 1, T, D)."""
+    """Rotate ``x`` (..., D) by position; ``cos``/``sin`` broadcast against it: (T, 1, D) or
+    (B, T, 1, D) for x of (B, T, heads, D)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).type_as(x)
@@ -125,12 +126,12 @@ class CausalSelfAttention(nn.Module):
         causal mask; :meth:`Transformer._run` builds it once for all layers."""
         B, T, C = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        v = v.view(B, T, K, D).transpose(1, 2)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        qkv = self.qkv(x).view(B, T, H + 2 * K, D)
+        # Rotate q and k together: one set of elementwise kernels instead of two.
+        qk = apply_rope(qkv[:, :, : H + K], cos, sin)  # (B, T, H + K, D)
+        q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, D)
+        k = qk[:, :, H:].transpose(1, 2)  # (B, K, T, D)
+        v = qkv[:, :, H + K:].transpose(1, 2)  # (B, K, T, D)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, K, L, D), L = cache length
 
@@ -315,8 +316,7 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D)
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, D) or (B, T, D)
-            if cos.dim() == 3:
-                cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, D) or (B, T, 1, D): over heads
         mask = self._attention_mask(T, idx.device, input_pos, attn_mask)
         x = self.emb_dropout(self.tok_emb(idx))  # (B, T, C)
         all_weights = []

@@ -63,7 +63,7 @@ def test_math_and_sdpa_paths_agree_and_match_float64_reference():
     attn = sdpa.blocks[0].attn.double()
     x = torch.randn(2, 20, 64, dtype=torch.float64)
     cos, sin = rope_cache(32, 16, 10000.0, dtype=torch.float64)
-    out, _ = attn(x, cos[:20], sin[:20])
+    out, _ = attn(x, cos[:20, None], sin[:20, None])
     q, k, v = attn.qkv(x).split([64, 32, 32], dim=-1)
     q = q.view(2, 20, 4, 16).transpose(1, 2)
     k = k.view(2, 20, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)

@@ -315,10 +315,22 @@ def prepare_dataset(data: DataConfig, *, tokenizer: Optional[Tokenizer] = None, 
     if dist is not None and getattr(dist, "enabled", False):
         import torch.distributed
 
+        failed = False
         if dist.is_main:
-            result = _prepare_dataset(data, tokenizer, progress, chunk_size)
-        torch.distributed.barrier()
-        if not dist.is_main:
+            try:
+                result = _prepare_dataset(data, tokenizer, progress, chunk_size)
+            except BaseException:
+                failed = True
+                raise
+            finally:
+                # The other ranks learn whether rank 0 succeeded here, instead of waiting at a
+                # barrier until the process-group timeout.
+                torch.distributed.broadcast_object_list([failed], src=0)
+        else:
+            status = [False]
+            torch.distributed.broadcast_object_list(status, src=0)  # works on gloo and NCCL
+            if status[0]:
+                raise UserError("rank 0 failed to prepare the data (its error is printed above)")
             result = _prepare_dataset(data, tokenizer, False, chunk_size)  # now a cache hit
         return result
     return _prepare_dataset(data, tokenizer, progress, chunk_size)

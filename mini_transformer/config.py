@@ -93,6 +93,9 @@ class TrainingConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
     gradient_accumulation_steps: int = 1
+    # Sequences per optimizer step over all processes. When set, gradient_accumulation_steps is
+    # derived: global_batch_size / (batch_size x world_size), which must divide exactly.
+    global_batch_size: Optional[int] = None
     # Dropout annealing: dropout goes from model.dropout to dropout_end over the first
     # dropout_anneal_fraction of training. None disables annealing.
     dropout_end: Optional[float] = None
@@ -113,6 +116,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    dist_timeout_s: float = 300.0  # a collective waiting longer than this fails the job (torchrun)
     tensorboard: bool = True
 
 

@@ -171,12 +171,24 @@ def test_sampler_resume_is_exact_and_ranks_differ():
     b.load_state_dict(state)
     for (x1, y1), (x2, y2) in zip(expected, [b.next_batch() for _ in range(3)]):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    r0 = RandomBatchSampler(tokens, 4, 8, seed=7, rank=0, world_size=2).next_batch()[0]
-    r1 = RandomBatchSampler(tokens, 4, 8, seed=7, rank=1, world_size=2).next_batch()[0]
-    assert torch.equal(r0, RandomBatchSampler(tokens, 4, 8, seed=7).next_batch()[0])
-    assert not torch.equal(r0, r1)
+    # Ranks share one stream of global-batch starts and take disjoint rows of it: rank r of a
+    # world of 2 with batch 4 gets rows [4r, 4r+4) of what one process with batch 8 draws.
+    r0 = RandomBatchSampler(tokens, 4, 8, seed=7, rank=0, world_size=2)
+    r1 = RandomBatchSampler(tokens, 4, 8, seed=7, rank=1, world_size=2)
+    whole = RandomBatchSampler(tokens, 8, 8, seed=7)
+    for _ in range(3):
+        (x0, y0), (x1, y1), (x, y) = r0.next_batch(), r1.next_batch(), whole.next_batch()
+        assert not torch.equal(x0, x1)
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    # Rank 0's saved state resumes every rank exactly.
+    saved = json.loads(json.dumps(r0.state_dict()))
+    expected = [r1.next_batch() for _ in range(2)]
+    resumed = RandomBatchSampler(tokens, 4, 8, seed=7, rank=1, world_size=2)
+    resumed.load_state_dict(saved)
+    for (x1, y1), (x2, y2) in zip(expected, [resumed.next_batch() for _ in range(2)]):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
     with pytest.raises(ValueError):
-        RandomBatchSampler(tokens, 4, 8, seed=7, rank=1, world_size=2).load_state_dict(state)
+        RandomBatchSampler(tokens, 4, 8, seed=7, rank=2, world_size=2)
 
 
 def test_sequential_batches_cover_every_target_once():

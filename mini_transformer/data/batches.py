@@ -31,13 +31,17 @@ def _to_device(window: np.ndarray, device: torch.device) -> tuple[torch.Tensor, 
 
 
 class RandomBatchSampler:
-    """Random windows from ``tokens``: seeded, different on every rank, resumable exactly.
+    """Random windows from ``tokens``: seeded, a different slice on every rank, resumable exactly.
 
-    Each rank draws from its own numpy ``Generator`` seeded by ``SeedSequence(seed,
-    spawn_key=(rank,))``: independent streams, the same for a given (seed, rank) on every
-    machine. ``state_dict()`` is plain JSON data (the generator's state and a batch counter);
-    ``load_state_dict()`` restores it, and the following batches are exactly those an
-    uninterrupted run would have drawn.
+    Every rank draws the *global* batch's window starts from one shared numpy ``Generator``
+    (seeded by ``SeedSequence(seed, spawn_key=(0,))``): ``world_size x batch_size`` starts per
+    draw, of which rank ``r`` takes rows ``[r*B, (r+1)*B)``. So ``world_size`` ranks with batch
+    ``B`` together see exactly the windows one process with batch ``world_size*B`` sees, in the
+    same order: data-parallel training equals one process with the same global batch.
+
+    ``state_dict()`` is plain JSON data (the generator's state and a batch counter) and is the
+    same on every rank; ``load_state_dict()`` restores it on any rank, and the following batches
+    are exactly those an uninterrupted run would have drawn (with the same global batch).
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int = 0,
@@ -55,13 +59,15 @@ class RandomBatchSampler:
         self.world_size = world_size
         self.device = torch.device(device)
         self.batches_drawn = 0
-        self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(rank,))))
+        # One stream for all ranks (spawn key 0: a single process draws as it always did).
+        self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(0,))))
         self._offsets = np.arange(block_size + 1)  # (T+1,)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: (batch_size, block_size) int64 on the sampler's device."""
         n_starts = len(self.tokens) - self.block_size  # a window starting at s ends at s + T + 1 <= n
-        starts = self._rng.integers(0, n_starts, size=self.batch_size)  # (B,)
+        starts = self._rng.integers(0, n_starts, size=self.world_size * self.batch_size)  # (W*B,)
+        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]  # (B,): this rank's rows
         window = self.tokens[starts[:, None] + self._offsets]  # (B, T+1)
         self.batches_drawn += 1
         return _to_device(np.asarray(window), self.device)
@@ -73,13 +79,15 @@ class RandomBatchSampler:
         return self.next_batch()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "rank": self.rank, "batches_drawn": self.batches_drawn,
-                "bit_generator": self._rng.bit_generator.state}
+        return {"seed": self.seed, "global_batch_size": self.world_size * self.batch_size,
+                "batches_drawn": self.batches_drawn, "bit_generator": self._rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("rank", self.rank) != self.rank:
-            raise ValueError(f"sampler state of rank {state['rank']} loaded on rank {self.rank}; "
-                             "save one state per rank")
+        """Continue the shared stream; any rank may load the state that rank 0 saved.
+
+        With a different global batch (``world_size x batch_size``) the stream continues, but
+        the windows are no longer those of the original run.
+        """
         self._rng.bit_generator.state = state["bit_generator"]
         self.batches_drawn = int(state.get("batches_drawn", 0))
 

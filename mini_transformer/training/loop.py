@@ -10,7 +10,7 @@ the batch sampler, the grad scaler), so N steps in one run equal N/2 + N/2 with 
 
 from __future__ import annotations
 
-import contextlib
+import gc
 import math
 import random
 import signal
@@ -29,7 +29,9 @@ from ..device import autocast, dtype_name, resolve_device, resolve_dtype
 from ..errors import UserError
 from ..model import Transformer
 from ..profile import count_parameters, flops_per_token, measure_matmul_flops
-from .distributed import DistributedContext, all_reduce_mean, init_distributed, shutdown
+from .distributed import (DistributedContext, all_reduce_mean, checkpointable_model,
+                          full_optimizer_state_dict, gradient_sync, init_distributed, load_full_optimizer_state,
+                          local_scalar, shutdown, wrap_model)
 from .metrics import MetricsLogger
 from .optim import build_optimizer
 from .schedule import dropout_at, learning_rate_at
@@ -125,6 +127,7 @@ class Trainer:
         self.step = 0
         self.best_val_loss: Optional[float] = None
         self.bad_steps = 0
+        self._resume_optimizer_state: Optional[dict[str, Any]] = None  # FSDP: loaded after sharding
 
     # -- set-up -------------------------------------------------------------------------------
     def _say(self, message: str) -> None:
@@ -164,6 +167,7 @@ class Trainer:
             ckpt.load_weights_into(self.model, ckpt.read_weights(base_dir / ckpt.WEIGHTS_FILE), base_dir)
             self._say(f"initialised from {base_dir}")
         self._apply_lora()
+        torch.manual_seed(t.seed + self.dist.rank)  # the init above is shared; dropout masks differ per rank
         self.model.gradient_checkpointing = t.gradient_checkpointing
         self.optimizer = build_optimizer(self.model, t, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
@@ -194,14 +198,12 @@ class Trainer:
         self._say(f"LoRA rank {a.lora_rank}: {trainable:,} trainable of {total:,} parameters ({fraction:.2%})")
 
     def _wrap_model(self) -> torch.nn.Module:
-        model: torch.nn.Module = self.model
-        if self.t.compile:
-            model = torch.compile(model)
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DDP(model, device_ids=device_ids)
+        model = wrap_model(self.model, self.dist, self.device, compile=self.t.compile, dtype=self.dtype)
+        if self.dist.fsdp:  # fully_shard swapped in sharded parameters: the optimizer must hold those
+            self.optimizer = build_optimizer(self.model, self.t, self.device)
+            if self._resume_optimizer_state is not None:
+                load_full_optimizer_state(self.model, self.optimizer, self._resume_optimizer_state, self.dist)
+                self._resume_optimizer_state = None
         return model
 
     def _load_resume_state(self, directory: Path) -> None:
@@ -211,13 +213,20 @@ class Trainer:
                             f"({_shape(saved)} vs {_shape(self.config)}); use its config or another out_dir")
         ckpt.load_weights_into(self.model, ckpt.read_weights(directory / ckpt.WEIGHTS_FILE), directory)
         state = ckpt.read_train_state(directory)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.dist.fsdp:
+            self._resume_optimizer_state = state["optimizer"]
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.train_sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         self.best_val_loss = state.get("best_val_loss")
         rngs = state["rng"]
-        set_rng_state(rngs[self.dist.rank] if isinstance(rngs, list) else rngs)
+        if isinstance(rngs, list) and self.dist.rank >= len(rngs):  # more ranks than the saving run had
+            set_rng_state(rngs[0])
+            torch.manual_seed(self.t.seed + self.dist.rank + 1_000_003 * self.step)
+        else:
+            set_rng_state(rngs[self.dist.rank] if isinstance(rngs, list) else rngs)
         self._say(f"resumed from {directory} at step {self.step}")
 
     def _describe(self) -> None:
@@ -230,7 +239,9 @@ class Trainer:
         self._say(
             f"training on {self.device} in {dtype_name(self.dtype)}"
             f"{' x' + str(self.dist.world_size) + ' processes (' + self.dist.mode + ')' if self.dist.enabled else ''}: "
-            f"global batch {global_batch} sequences = {global_batch * m.block_size:,} tokens per step, "
+            f"global batch {global_batch} sequences (batch {t.batch_size} x accumulation "
+            f"{t.gradient_accumulation_steps} x {self.dist.world_size} process{'es' if self.dist.enabled else ''}) = "
+            f"{global_batch * m.block_size:,} tokens per step, "
             f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens")
 
     # -- one optimizer step ---------------------------------------------------------------------
@@ -243,9 +254,7 @@ class Trainer:
         for micro in range(accum):
             x, y = self.train_sampler.next_batch()
             # Gradients are all-reduced only on the last micro-step.
-            sync = (self.step_model.no_sync() if self.dist.enabled and micro < accum - 1
-                    else contextlib.nullcontext())
-            with sync:
+            with gradient_sync(self.step_model, self.dist, enabled=micro == accum - 1):
                 with autocast(self.device, self.dtype):
                     loss = self.step_model(x, y).loss / accum
                 self.scaler.scale(loss).backward()
@@ -255,7 +264,7 @@ class Trainer:
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         loss_value = all_reduce_mean(total, self.dist).item()
-        norm_value = grad_norm.item()
+        norm_value = local_scalar(grad_norm)
         if not math.isfinite(loss_value) or (not self.scaler.is_enabled() and not math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
@@ -301,14 +310,21 @@ class Trainer:
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
+        n_batches = forwards = 0
         for i, (x, y) in enumerate(iter_sequential_batches(self.data.val, self.t.batch_size,
                                                            self.config.model.block_size, device=self.device)):
+            n_batches = i + 1
             if i % self.dist.world_size != self.dist.rank:
                 continue
             with autocast(self.device, self.dtype):
                 loss = self.model(x, y).loss
             total += loss.double() * y.numel()
             count += y.numel()
+            forwards += 1
+        if self.dist.fsdp:  # every forward all-gathers: a rank with a batch fewer runs a dummy one
+            dummy = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            for _ in range(-(-n_batches // self.dist.world_size) - forwards):
+                self.model(dummy)
         if self.dist.enabled:
             import torch.distributed as dist
 
@@ -322,7 +338,7 @@ class Trainer:
         return {
             "step": self.step,
             "best_val_loss": self.best_val_loss,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": full_optimizer_state_dict(self.model, self.optimizer, self.dist),  # FSDP: gathered
             "scaler": self.scaler.state_dict(),
             "sampler": self.train_sampler.state_dict(),
             "rng": self._gather_rng(),
@@ -340,11 +356,12 @@ class Trainer:
         return states
 
     def save(self, is_best: bool = False) -> Optional[Path]:
-        state = self.train_state()  # every rank joins the RNG gather
+        state = self.train_state()  # every rank joins the RNG gather (and FSDP's state gathers)
+        model = checkpointable_model(self.model, self.dist)  # FSDP: full weights gathered to rank 0
         if not self.dist.is_main:
             return None
         directory = ckpt.save_checkpoint(
-            self.out_dir, self.step, self.model, self.config, self.tokenizer, state,
+            self.out_dir, self.step, model, self.config, self.tokenizer, state,
             best_val_loss=self.best_val_loss, is_best=is_best, keep_last=self.t.keep_last)
         if self.config.advanced.use_lora and (is_best or self.best_val_loss is None):
             from ..lora import save_adapter
@@ -437,6 +454,11 @@ class Trainer:
     def close(self) -> None:
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
+        if self.dist.enabled:
+            # Free DDP/FSDP (which hold the process group) while Python is fully alive: left to
+            # interpreter exit, gloo's teardown aborts the process now and then after a good run.
+            self.step_model = self.model = self.optimizer = None
+            gc.collect()
         shutdown(self.dist)
 
 

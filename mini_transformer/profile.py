@@ -127,6 +127,19 @@ def measure_training_step_peak(config: Config, batch_size: int | None = None,
 
 
 def _rss_peak_bytes() -> int:
+    """This process's peak resident set size.
+
+    On Linux this is ``VmHWM``, the high-water mark of the process's own address space:
+    ``getrusage``'s ``ru_maxrss`` is carried over from the parent through fork and exec, so a
+    freshly spawned child would report its (possibly larger) parent's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -108,14 +107,6 @@ def load_weights_into(model: Transformer, state: dict[str, torch.Tensor], source
 
 
 # -- saving ------------------------------------------------------------------------------------
-
-@dataclass
-class CheckpointInfo:
-    directory: Path
-    step: int
-    best_val_loss: Optional[float]
-    meta: dict[str, Any]
-
 
 def save_checkpoint(
     out_dir: str | os.PathLike,
@@ -212,7 +203,7 @@ def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
         return p
     if not p.exists():
         raise UserError(f"checkpoint {str(p)!r} not found; train first (python train.py --config config.yaml) "
-                        "or pass --checkpoint DIR")
+                        "or point to an existing checkpoint directory")
     order = [BEST_POINTER, LATEST_POINTER] if prefer == "best" else [LATEST_POINTER]
     for pointer in order:
         name = _read_pointer(p / pointer)
@@ -222,17 +213,7 @@ def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
     complete = sorted(d for d in p.glob(f"{CHECKPOINT_PREFIX}*") if (d / META_FILE).is_file())
     if complete:
         return complete[-1]
-    raise UserError(f"no checkpoint in {str(p)!r}; train first or pass --checkpoint DIR")
-
-
-def read_meta(directory: Path) -> dict[str, Any]:
-    path = directory / META_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise UserError(f"{path} is corrupt (not JSON); use another checkpoint") from None
+    raise UserError(f"no checkpoint in {str(p)!r}; train first, or point to a run's out_dir or a ckpt-* directory")
 
 
 def read_config(directory: Path) -> Config:
@@ -325,13 +306,18 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
 
 
 def save_inference_checkpoint(directory: str | os.PathLike, model: Transformer, config: Config, tokenizer: Any,
-                              extra_meta: Optional[dict[str, Any]] = None) -> Path:
+                              extra_meta: Optional[dict[str, Any]] = None,
+                              source: Optional[str | os.PathLike] = None) -> Path:
     """A checkpoint for generation only (weights, config, tokenizer), written as one atomic step.
 
     Used by ``merge`` and ``quantize``. An existing checkpoint at ``directory`` is replaced
     only once the new one is complete.
     """
     final = Path(directory)
+    if source is not None and _overlaps(final, Path(source)):
+        raise UserError(f"--out {final} would overwrite the checkpoint it is made from; choose a new directory")
+    if final.exists() and not (final / META_FILE).is_file():
+        raise UserError(f"{final} exists and is not a checkpoint; choose a new --out directory")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
     try:
@@ -362,6 +348,12 @@ def save_inference_checkpoint(directory: str | os.PathLike, model: Transformer, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """True if one of the two paths is, or lies inside, the other."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
 
 
 def is_quantized_model(model: torch.nn.Module) -> bool:

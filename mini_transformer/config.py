@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -485,14 +486,14 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is float:
         if isinstance(value, bool):
             return False, None
-        if isinstance(value, (int, float)):
-            return True, float(value)
         if isinstance(value, str):
             # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number it means.
             try:
-                return True, float(value)
+                value = float(value)
             except ValueError:
                 return False, None
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return True, float(value)
         return False, None
     if tp is str:
         return isinstance(value, str), value

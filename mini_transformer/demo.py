@@ -6,6 +6,7 @@ this Python's own standard library (no network needed). Run as ``python -m mini_
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ def main() -> int:
     from .training import train
 
     started = time.perf_counter()
+    shutil.rmtree(OUT_DIR, ignore_errors=True)  # the demo's own scratch run: start it afresh
     data_overrides, description, prompt = choose_data()
     print(f"data: {description}")
     config = load_config(preset="tiny", overrides=[

@@ -24,7 +24,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {spec!r} requested but CUDA is not available; use --training.device cpu")
+        raise UserError(f"device {spec!r} requested but CUDA is not available; use the cpu device "
+                        "(--training.device cpu for training, --device cpu for generate)")
     return device
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .errors import UserError
 
 try:  # FlashAttention-2: CUDA only, optional.
     from flash_attn import flash_attn_func as _flash_attn_func  # type: ignore[import-not-found]
@@ -103,8 +104,8 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.attention = config.attention
         if self.attention == "flash" and not flash_attn_available():
-            raise ValueError("attention='flash' needs the flash-attn package and a CUDA device; "
-                             "use attention: auto or sdpa")
+            raise UserError("model.attention flash needs the flash-attn package (pip install flash-attn) "
+                            "and a CUDA device; use attention: auto or sdpa")
         # One fused projection for q, k and v: a single matmul instead of three.
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         self.qkv = nn.Linear(config.d_model, qkv_out, bias=config.bias)

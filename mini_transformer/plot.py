@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .atomic import atomic_write
 from .errors import UserError
 from .training.metrics import read_metrics
 
@@ -38,7 +39,7 @@ def plot_run(out_dir: str | Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
+    _save_png(fig, out / "loss.png")
     plt.close(fig)
     written.append(out / "loss.png")
 
@@ -56,7 +57,11 @@ def plot_run(out_dir: str | Path) -> list[Path]:
         ax2.set_xlabel("iteration")
         ax2.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / "lr_grad_norm.png", dpi=120)
+        _save_png(fig, out / "lr_grad_norm.png")
         plt.close(fig)
         written.append(out / "lr_grad_norm.png")
     return written
+
+
+def _save_png(fig, path: Path) -> None:
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))

@@ -579,7 +579,11 @@ def load_quantized(directory: str | os.PathLike, config: Optional[ModelConfig] =
     if config is None:
         if "model" not in meta:
             raise UserError(f"{directory / QUANTIZATION_FILE} lacks the model config; pass the config")
-        config = ModelConfig(**meta["model"])
+        try:
+            config = ModelConfig(**meta["model"])
+        except TypeError as exc:
+            raise UserError(f"{directory / QUANTIZATION_FILE} has a model config this version can't read "
+                            f"({exc}); re-run quantize") from None
     path = directory / QUANTIZED_WEIGHTS_FILE
     try:
         state = load_safetensors_bytes(path.read_bytes())

@@ -367,23 +367,3 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
                         f"(format {data['version']}); upgrade mini-transformer")
     kind = check_kind(data.get("kind", ""))
     return _CLASSES[kind].from_json(data)
-
-
-def iter_decoded(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
-    """Stream text for ids arriving one by one, holding back an incomplete UTF-8 character.
-
-    Decodes the growing id list and yields only the new, settled text; a trailing U+FFFD is held
-    back until a later token completes it (or the stream ends).
-    """
-    seen: list[int] = []
-    emitted = 0
-    text = ""
-    for i in ids:
-        seen.append(i)
-        text = tokenizer.decode(seen)
-        settled = len(text.rstrip("\ufffd"))
-        if settled > emitted:
-            yield text[emitted:settled]
-            emitted = settled
-    if len(text) > emitted:
-        yield text[emitted:]

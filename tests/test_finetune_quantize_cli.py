@@ -134,3 +134,13 @@ def test_quantizing_twice_and_mismatched_adapter_are_refused(base_run, tmp_path)
     status = run_cli("merge", "--checkpoint", str(base_run), "--adapter", str(other_tmp / "lora" / "adapter"),
                      "--out", str(tmp_path / "m"))
     assert status.returncode == 2 and "different base" in status.stderr
+
+
+def test_quantize_never_overwrites_its_source_or_other_files(base_run, tmp_path):
+    status = run_cli("quantize", "--checkpoint", str(base_run), "--mode", "int8", "--out", str(base_run))
+    assert status.returncode == 2 and "overwrite" in status.stderr
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    status = run_cli("quantize", "--checkpoint", str(base_run), "--mode", "int8", "--out", str(tmp_path / "notes"))
+    assert status.returncode == 2 and "not a checkpoint" in status.stderr
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"

@@ -9,8 +9,9 @@ import types
 import pytest
 
 from mini_transformer.errors import UserError
+from mini_transformer.generation import stream_text
 from mini_transformer.tokenizer import (EOT, BPETokenizer, ByteTokenizer, CharTokenizer, GPT2Tokenizer,
-                                        iter_decoded, load_tokenizer)
+                                        load_tokenizer)
 
 UNICODE = ("Hello, wörld! 😀👩‍👩‍👧 日本語のテキスト 한국어 e\u0301 (combining) \x00 NUL\r\n"
            "CRLF line\r\n\ttab  two  spaces\n\n<|endoftext|> literal, 'quotes' it's 12345 ∑∫≠")
@@ -66,8 +67,8 @@ def test_incomplete_utf8_decodes_with_replacement(bpe):
     if len(ids) > 1:
         assert bpe.decode(ids[:-1]).endswith("\ufffd")
     # Streaming holds the partial character back and emits it whole.
-    assert "".join(iter_decoded(tok, tok.encode("a😀b"))) == "a😀b"
-    assert list(iter_decoded(tok, tok.encode("a😀")))[-1] == "😀"
+    assert "".join(stream_text(tok.encode("a😀b"), tok.decode)) == "a😀b"
+    assert list(stream_text(tok.encode("a😀"), tok.decode))[-1] == "😀"
 
 
 @pytest.mark.parametrize("make", [lambda: CharTokenizer.from_text(UNICODE), ByteTokenizer])

@@ -289,3 +289,16 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert "interrupted at step" in stdout
     directory = ckpt.resolve_checkpoint(tmp_path / "out", prefer="latest")
     assert ckpt.read_train_state(directory)["step"] >= 3
+
+
+def test_a_fresh_run_never_overwrites_an_earlier_runs_checkpoints(tmp_path):
+    quiet(small_config(tmp_path, max_iters=4))
+    with pytest.raises(UserError, match="already holds checkpoints.*--resume"):
+        quiet(small_config(tmp_path, max_iters=4))
+
+
+def test_lora_without_a_base_is_refused(tmp_path):
+    config = small_config(tmp_path, max_iters=4)
+    config.advanced.use_lora = True
+    with pytest.raises(UserError, match="init_from"):
+        quiet(config)

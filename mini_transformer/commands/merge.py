@@ -33,6 +33,7 @@ def run(args, overrides: list[str]) -> int:
     merge_lora(model)
     config.advanced.use_lora = False
     out = save_inference_checkpoint(args.out, model, config, load_tokenizer_from(directory),
-                                    extra_meta={"merged_adapter": str(args.adapter), "base": str(directory)})
+                                    extra_meta={"merged_adapter": str(args.adapter), "base": str(directory)},
+                                    source=directory)
     print(f"merged {args.adapter} into {directory}: written to {out}")
     return 0

@@ -142,12 +142,18 @@ class Trainer:
         resume_dir = ckpt.resolve_checkpoint(self.out_dir, prefer="latest") if self.resume else None
         base_dir = ckpt.resolve_checkpoint(t.init_from, prefer="best") if t.init_from and not self.resume else None
 
+        if not self.resume and self.dist.is_main:
+            _refuse_to_overwrite(self.out_dir)
+        if cfg.advanced.use_lora and not t.init_from:
+            raise UserError("advanced.use_lora trains adapters on top of a trained model: set training.init_from "
+                            "to its checkpoint, or use `mini-transformer finetune --checkpoint DIR`")
         # The tokenizer of a checkpoint wins: resumed and fine-tuned runs must encode the same way.
         tokenizer = ckpt.load_tokenizer_from(resume_dir or base_dir) if (resume_dir or base_dir) else None
-        if base_dir is not None:
-            base_config = ckpt.read_config(base_dir)
+        # A fine-tuning run has the architecture of its base (for a resumed one, the checkpoint's).
+        arch_dir = base_dir or (resume_dir if t.init_from else None)
+        if arch_dir is not None:
             dropout = cfg.model.dropout
-            cfg.model = base_config.model
+            cfg.model = ckpt.read_config(arch_dir).model
             cfg.model.dropout = dropout
         self.data = prepare_dataset(cfg.data, tokenizer=tokenizer, progress=self.progress and self.dist.is_main,
                                     dist=self.dist)
@@ -267,6 +273,7 @@ class Trainer:
         norm_value = local_scalar(grad_norm)
         if not math.isfinite(loss_value) or (not self.scaler.is_enabled() and not math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()  # close this step's unscale_ (fp16); lowers the scale after an overflow
             self.bad_steps += 1
             warnings.warn(f"step {self.step + 1}: non-finite loss or gradient ({loss_value}); step skipped",
                           stacklevel=2)
@@ -460,6 +467,13 @@ class Trainer:
             self.step_model = self.model = self.optimizer = None
             gc.collect()
         shutdown(self.dist)
+
+
+def _refuse_to_overwrite(out_dir: Path) -> None:
+    """A fresh run never mixes its checkpoints with an earlier run's."""
+    if any(out_dir.glob(f"{ckpt.CHECKPOINT_PREFIX}*")):
+        raise UserError(f"{out_dir} already holds checkpoints of a run; continue it with --resume, or set "
+                        "training.out_dir to a new directory (or delete the old one)")
 
 
 def _shape(config: Config) -> str:

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from ..atomic import atomic_write_text
+
 
 class MetricsLogger:
     """Appends each record to ``out_dir/metrics.jsonl``; mirrors scalars to TensorBoard if installed.
@@ -36,7 +38,7 @@ class MetricsLogger:
                 continue  # a line cut short by a crash
             if record.get("iter", 0) <= step:
                 kept.append(line)
-        self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

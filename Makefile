@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# The CPU wheel of torch, pinned so that pip never pulls a multi-GB CUDA build on a CPU machine.
+# The torch release the project is tested with. On our machines pip finds a local CPU wheel of
+# it; elsewhere pip may fetch a CUDA build. Pick another build with e.g.
+#   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
@@ -12,7 +14,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev,tensorboard]"
 	touch $(STAMP)
 

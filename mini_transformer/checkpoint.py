@@ -32,13 +32,12 @@ from typing import Any, Optional
 
 import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .atomic import atomic_write, atomic_write_bytes, atomic_write_text, fsync_dir
 from .config import Config, ModelConfig
 from .errors import UserError
+from .safetensors_io import read_safetensors
 from .model import Transformer, rope_cache
 
 FORMAT_VERSION = 1
@@ -79,13 +78,7 @@ def save_weights(path: Path, model: torch.nn.Module, metadata: Optional[dict[str
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"checkpoint file {path} is missing; the checkpoint is incomplete, use another one")
-    try:
-        return load_safetensors_bytes(path.read_bytes())
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise UserError(f"checkpoint weights {path} are corrupt ({str(exc).splitlines()[0]}); "
-                        "use another checkpoint or retrain") from None
+    return read_safetensors(path, "checkpoint weights", "use another checkpoint or retrain")
 
 
 def load_weights_into(model: Transformer, state: dict[str, torch.Tensor], source: Path) -> None:

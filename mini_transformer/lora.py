@@ -51,12 +51,11 @@ from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .atomic import atomic_write_bytes, atomic_write_text
 from .errors import UserError
+from .safetensors_io import read_safetensors
 
 ADAPTER_WEIGHTS_FILE = "adapter.safetensors"
 ADAPTER_CONFIG_FILE = "adapter.json"
@@ -367,12 +366,7 @@ def load_adapter(directory: str | os.PathLike, model: nn.Module) -> nn.Module:
         raise UserError(f"the model's adapters (rank {current.rank}, {'+'.join(current.targets)}) differ from "
                         f"the saved ones (rank {settings.rank}, {'+'.join(settings.targets)}); "
                         "load into a model without adapters")
-    path = directory / ADAPTER_WEIGHTS_FILE
-    try:
-        state = load_safetensors_bytes(path.read_bytes())
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise UserError(f"adapter weights {path} are missing or corrupt ({str(exc).splitlines()[0]}); "
-                        "re-run finetune") from None
+    state = read_safetensors(directory / ADAPTER_WEIGHTS_FILE, "adapter weights", "re-run finetune")
     load_lora_state_dict(model, state)
     return model
 

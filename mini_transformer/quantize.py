@@ -71,12 +71,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .atomic import atomic_write_bytes, atomic_write_text
 from .config import ModelConfig
 from .errors import UserError
+from .safetensors_io import read_safetensors
 from .model import Transformer
 
 MODES = ("int8", "int4")
@@ -584,12 +584,7 @@ def load_quantized(directory: str | os.PathLike, config: Optional[ModelConfig] =
         except TypeError as exc:
             raise UserError(f"{directory / QUANTIZATION_FILE} has a model config this version can't read "
                             f"({exc}); re-run quantize") from None
-    path = directory / QUANTIZED_WEIGHTS_FILE
-    try:
-        state = load_safetensors_bytes(path.read_bytes())
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise UserError(f"quantized weights {path} are missing or corrupt ({str(exc).splitlines()[0]}); "
-                        "re-run quantize") from None
+    state = read_safetensors(directory / QUANTIZED_WEIGHTS_FILE, "quantized weights", "re-run quantize")
     return quantized_state_dict_to_model(config, state, meta)
 
 

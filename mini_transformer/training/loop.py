@@ -142,7 +142,7 @@ class Trainer:
         resume_dir = ckpt.resolve_checkpoint(self.out_dir, prefer="latest") if self.resume else None
         base_dir = ckpt.resolve_checkpoint(t.init_from, prefer="best") if t.init_from and not self.resume else None
 
-        if not self.resume and self.dist.is_main:
+        if not self.resume:  # on every rank, so that all of them stop, not only rank 0
             _refuse_to_overwrite(self.out_dir)
         if cfg.advanced.use_lora and not t.init_from:
             raise UserError("advanced.use_lora trains adapters on top of a trained model: set training.init_from "

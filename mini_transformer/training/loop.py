@@ -184,6 +184,8 @@ class Trainer:
         if resume_dir is not None:
             self._load_resume_state(resume_dir)
         self.step_model = self._wrap_model()
+        # After wrapping: FSDP replaces the parameters with sharded ones.
+        self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         self.metrics = MetricsLogger(self.out_dir, tensorboard=t.tensorboard,
                                      resume_step=self.step if resume_dir is not None else None) \
             if self.dist.is_main else None
@@ -266,9 +268,8 @@ class Trainer:
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm)
         loss_value = all_reduce_mean(total, self.dist).item()
         norm_value = local_scalar(grad_norm)
         if not math.isfinite(loss_value) or (not self.scaler.is_enabled() and not math.isfinite(norm_value)):

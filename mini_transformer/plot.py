@@ -6,21 +6,28 @@ from pathlib import Path
 
 from .atomic import atomic_write
 from .errors import UserError
-from .training.metrics import read_metrics
 
 
-def plot_run(out_dir: str | Path) -> list[Path]:
-    """Write ``loss.png`` and ``lr_grad_norm.png`` into ``out_dir`` from its ``metrics.jsonl``."""
-    out = Path(out_dir)
-    if not (out / "metrics.jsonl").is_file():
-        raise UserError(f"no metrics.jsonl in {str(out)!r}; pass the training.out_dir of a run")
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or a one-line UserError if missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("plotting needs matplotlib: pip install 'mini-transformer[plot]'") from None
+        raise UserError("plots need matplotlib: pip install 'mini-transformer[plot]'") from None
+    return plt
+
+
+def plot_run(out_dir: str | Path) -> list[Path]:
+    """Write ``loss.png`` and ``lr_grad_norm.png`` into ``out_dir`` from its ``metrics.jsonl``."""
+    from .training.metrics import read_metrics
+
+    out = Path(out_dir)
+    if not (out / "metrics.jsonl").is_file():
+        raise UserError(f"no metrics.jsonl in {str(out)!r}; pass the training.out_dir of a run")
+    plt = pyplot()
     records = read_metrics(out)
     train = [(r["iter"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
     val = [(r["iter"], r["val_loss"]) for r in records if r.get("val_loss") is not None]

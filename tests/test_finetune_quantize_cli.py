@@ -144,3 +144,16 @@ def test_quantize_never_overwrites_its_source_or_other_files(base_run, tmp_path)
     status = run_cli("quantize", "--checkpoint", str(base_run), "--mode", "int8", "--out", str(tmp_path / "notes"))
     assert status.returncode == 2 and "not a checkpoint" in status.stderr
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+
+
+def test_lora_resume_takes_the_base_architecture_not_the_run_config(tmp_path):
+    base_tmp = tmp_path / "base"
+    base = small_config(base_tmp, max_iters=2, eval_interval=2)
+    base.model.n_layers = 1  # a shape the fine-tuning config below does not state
+    quiet(base)
+    first = lora_config(tmp_path / "ft", base_tmp / "out", max_iters=2, lr_decay_iters=4, eval_interval=2)
+    assert first.model.n_layers != 1
+    quiet(first)
+    resumed = quiet(lora_config(tmp_path / "ft", base_tmp / "out", max_iters=4, lr_decay_iters=4, eval_interval=2),
+                    resume=True)
+    assert resumed.step == 4

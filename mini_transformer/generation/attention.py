@@ -16,6 +16,7 @@ import torch
 from ..atomic import atomic_write
 from ..errors import UserError
 from ..model import Transformer
+from ..plot import pyplot
 
 MAX_LABELLED_TOKENS = 48  # beyond this, tick labels are unreadable; the axes stay unlabelled
 
@@ -64,7 +65,7 @@ def save_attention(
 
 def plot_attention(weights: np.ndarray, labels: Sequence[str], path: str | Path) -> None:
     """A grid of heatmaps: one row per layer, one column per head; query down, key across."""
-    plt = _pyplot()
+    plt = pyplot()
     n_layers, n_heads, T, _ = weights.shape
     size = max(1.6, min(4.0, 0.12 * T))
     fig, axes = plt.subplots(n_layers, n_heads, figsize=(size * n_heads, size * n_layers), squeeze=False)
@@ -92,15 +93,3 @@ def plot_attention(weights: np.ndarray, labels: Sequence[str], path: str | Path)
 def _printable(text: str) -> str:
     """Token labels with whitespace made visible (a newline would break the axis)."""
     return text.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "\u2423") or "\u2205"
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("attention plots need matplotlib; "
-                        "install it with: pip install 'mini-transformer[plot]'") from None
-    return plt

@@ -81,26 +81,31 @@ def estimate_memory(config: ModelConfig, batch_size: int, activation_bytes: int 
 
     The activation figure counts the tensors each block keeps for the backward pass (inputs of
     the norms and projections, q/k/v, the attention output, the SwiGLU gate, up and product),
-    the attention's T x T scores when the math path is used, and the logits with their fp32
-    copy for the loss. With gradient checkpointing only each block's input is kept, plus the
+    the attention's T x T weights when the math path or attention dropout keeps them, dropout
+    masks, and the logits with their fp32 copy for the loss. With gradient checkpointing only each block's input is kept, plus the
     activations of the one block being recomputed.
     """
     params = count_parameters(config).total
     B, T, d, h = batch_size, config.block_size, config.d_model, config.hidden_size
     kv = config.kv_heads * config.head_dim
-    per_layer = B * T * (9 * d + 2 * kv + 4 * h)
-    if config.attention == "math":
-        per_layer += 2 * B * config.n_heads * T * T
-    logits = 3 * B * T * (config.vocab_size or 0)
+    per_layer = activation_bytes * B * T * (9 * d + 2 * kv + 4 * h)
+    if config.dropout > 0:
+        per_layer += 2 * B * T * d  # the residual dropouts' masks, one byte per element
+    if config.attention == "math" or config.dropout > 0:
+        # The T x T weights are kept: by the math path, and by attention dropout, which the
+        # fused CPU kernels don't do. Per weight: fp32 scores and probabilities, the dropped
+        # probabilities, and a byte mask.
+        per_layer += 13 * B * config.n_heads * T * T
+    logits = activation_bytes * 3 * B * T * (config.vocab_size or 0)
     if gradient_checkpointing:
-        elements = config.n_layers * B * T * d + per_layer + logits
+        activations = config.n_layers * activation_bytes * B * T * d + per_layer + logits
     else:
-        elements = config.n_layers * per_layer + logits
+        activations = config.n_layers * per_layer + logits
     return MemoryEstimate(
         weights=4 * params,
         gradients=4 * params,
         optimizer=8 * params,
-        activations=activation_bytes * elements,
+        activations=activations,
     )
 
 

@@ -20,7 +20,9 @@ import torch
 from .config import Config, ModelConfig, load_config
 from .device import autocast, dtype_name, resolve_device, resolve_dtype
 from .model import Transformer
-from .profile import count_parameters, flops_per_token, human_bytes, measure_matmul_flops, measure_training_step_peak
+from .profile import (
+    count_parameters, flops_per_token, human_bytes, measure_matmul_flops, measure_training_step_peak, synchronize,
+)
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's characters: the setting of the seed's table
 
@@ -58,21 +60,16 @@ def preset_model_config(preset: str, block_size: Optional[int], norm: Optional[s
     return config
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
     """Median wall time of ``fn`` over ``repeats`` runs, after ``warmup`` untimed runs."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -277,7 +274,7 @@ def profile_training(preset: str, out_path: Path, steps: int = 3, batch_size: in
     with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             step()
-        _sync(device)
+        synchronize(device)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(out_path))
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

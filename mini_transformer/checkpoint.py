@@ -136,10 +136,15 @@ def save_checkpoint(
     return final
 
 
-def _write_checkpoint_files(directory: Path, step: int, model: Transformer, config: Config, tokenizer: Any,
-                            train_state: Optional[dict[str, Any]], best_val_loss: Optional[float],
+def _write_checkpoint_files(directory: Path, step: Optional[int], model: Transformer, config: Config,
+                            tokenizer: Any, train_state: Optional[dict[str, Any]], best_val_loss: Optional[float],
                             extra_meta: Optional[dict[str, Any]]) -> None:
-    save_weights(directory / WEIGHTS_FILE, model, metadata={"format": "mini-transformer"})
+    if is_quantized_model(model):
+        from .quantize import save_quantized
+
+        save_quantized(directory, model)  # compact weights + quantization.json
+    else:
+        save_weights(directory / WEIGHTS_FILE, model, metadata={"format": "mini-transformer"})
     config.save(directory / CONFIG_FILE)
     if tokenizer is not None:
         tokenizer.save(directory)
@@ -314,19 +319,7 @@ def save_inference_checkpoint(directory: str | os.PathLike, model: Transformer, 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
     try:
-        if is_quantized_model(model):
-            from .quantize import save_quantized
-
-            save_quantized(tmp, model)
-            config.save(tmp / CONFIG_FILE)
-            if tokenizer is not None:
-                tokenizer.save(tmp)
-            meta = {"format_version": FORMAT_VERSION, "step": None, "model_fingerprint": model_fingerprint(config.model),
-                    "has_train_state": False}
-            meta.update(extra_meta or {})
-            atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))
-        else:
-            _write_checkpoint_files(tmp, 0, model, config, tokenizer, None, None, extra_meta)
+        _write_checkpoint_files(tmp, None, model, config, tokenizer, None, None, extra_meta)
         fsync_dir(tmp)
         if final.exists():
             old = final.parent / f".old-{final.name}"

@@ -153,7 +153,6 @@ def _peak_worker(raw_config: dict, batch: int, dtype_spec: str, device_spec: str
     from .device import autocast, resolve_device, resolve_dtype
     from .model import Transformer
 
-    torch.set_num_threads(torch.get_num_threads())
     config = Config.from_dict(raw_config)
     if config.model.vocab_size is None:
         config.model.vocab_size = 65
@@ -253,17 +252,18 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1
     a = torch.full((size, size), 0.5, device=device, dtype=dtype)
     b = torch.full((size, size), 0.25, device=device, dtype=dtype)
     torch.mm(a, b)  # warm-up
-    _sync(device)
+    synchronize(device)
     runs, start = 0, time.perf_counter()
     while True:
         torch.mm(a, b)
         runs += 1
-        _sync(device)
+        synchronize(device)
         elapsed = time.perf_counter() - start
         if elapsed >= min_seconds:
             return 2 * size**3 * runs / elapsed
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA is asynchronous), so timings measure it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -139,7 +139,8 @@ def save_checkpoint(
 def _write_checkpoint_files(directory: Path, step: Optional[int], model: Transformer, config: Config,
                             tokenizer: Any, train_state: Optional[dict[str, Any]], best_val_loss: Optional[float],
                             extra_meta: Optional[dict[str, Any]]) -> None:
-    if is_quantized_model(model):
+    # ``model`` may also be FSDP's gathered full state (anything with ``state_dict``).
+    if isinstance(model, torch.nn.Module) and is_quantized_model(model):
         from .quantize import save_quantized
 
         save_quantized(directory, model)  # compact weights + quantization.json

@@ -62,16 +62,28 @@ def preset_model_config(preset: str, block_size: Optional[int], norm: Optional[s
 
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
     """Median wall time of ``fn`` over ``repeats`` runs, after ``warmup`` untimed runs."""
-    for _ in range(warmup):
-        fn()
+    return interleaved_median_times([fn], repeats, warmup, device)[0]
+
+
+def interleaved_median_times(fns: list[Callable[[], Any]], repeats: int, warmup: int,
+                             device: torch.device) -> list[float]:
+    """Median wall time of each function, timed in turn (A, B, A, B, ...) after warm-up.
+
+    Why interleave: on a shared machine the speed drifts over minutes, and timing all of A
+    before all of B turns that drift into a false ratio; in turns, both see the same drift.
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
     synchronize(device)
-    times = []
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, fn_times in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            fn_times.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def training_step_fn(model: torch.nn.Module, batch: int, block: int, vocab: int, device: torch.device,
@@ -108,11 +120,13 @@ def _our_loss(model, x, y):
     return model(x, y).loss
 
 
-def our_generation_fn(model: Transformer, prompt: list[int], new_tokens: int, use_cache: bool = True):
+def our_generation_fn(model: Transformer, prompt: list[int], new_tokens: int, use_cache: bool = True,
+                      compile_model: bool = False):
     from .generation import generate
 
     def run() -> None:
-        out = generate(model, prompt, max_new_tokens=new_tokens, temperature=0.0, use_cache=use_cache)
+        out = generate(model, prompt, max_new_tokens=new_tokens, temperature=0.0, use_cache=use_cache,
+                       compile=compile_model)
         assert len(out) == new_tokens
 
     return run
@@ -137,7 +151,8 @@ def bench_preset(preset: str, settings: BenchSettings) -> dict[str, Any]:
     model.eval()
     gen_model = model.to(dtype) if dtype is not torch.float32 else model
     prompt = list(range(1, settings.prompt_tokens + 1))
-    gen_seconds = median_time(our_generation_fn(gen_model, prompt, settings.gen_tokens), 3, 1, device)
+    gen_seconds = median_time(our_generation_fn(gen_model, prompt, settings.gen_tokens,
+                                                compile_model=settings.compile), 3, 1, device)
     row = {
         "preset": preset, "params": params.total, "batch_size": settings.batch_size,
         "block_size": config.block_size, "dtype": dtype_name(dtype), "device": str(device),
@@ -207,15 +222,13 @@ def compare_with_hf(preset: str, dtype_spec: str, batch_size: int = 32, block_si
                                  compile_model)
     peer_step = training_step_fn(peer, batch_size, config.block_size, VOCAB_SIZE, device, dtype, _hf_loss,
                                  fused_adamw=False)
-    ours_train = median_time(ours_step, steps, warmup, device)
-    peer_train = median_time(peer_step, steps, warmup, device)
+    ours_train, peer_train = interleaved_median_times([ours_step, peer_step], steps, warmup, device)
 
     prompt = list(range(1, prompt_tokens + 1))
     for model in (ours, peer):
         model.eval()
         if dtype is not torch.float32:
             model.to(dtype)
-    ours_gen = median_time(our_generation_fn(ours, prompt, gen_tokens), 3, 1, device)
     input_ids = torch.tensor([prompt], device=device)
     attention_mask = torch.ones_like(input_ids)
 
@@ -225,7 +238,8 @@ def compare_with_hf(preset: str, dtype_spec: str, batch_size: int = 32, block_si
                                 max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, pad_token_id=0)
         assert out.shape[1] == prompt_tokens + gen_tokens
 
-    peer_gen = median_time(peer_generate, 3, 1, device)
+    ours_generate = our_generation_fn(ours, prompt, gen_tokens, compile_model=compile_model)
+    ours_gen, peer_gen = interleaved_median_times([ours_generate, peer_generate], 5, 1, device)
     tokens = batch_size * config.block_size
     return {
         "preset": preset, "dtype": dtype_name(dtype), "device": str(device), "batch_size": batch_size,

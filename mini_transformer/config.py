@@ -149,6 +149,9 @@ class GenerationConfig:
     # Past block_size the window slides: a row keeps its last context_keep tokens and is
     # prefilled again (None: block_size // 2). See mini_transformer/generation/engine.py.
     context_keep: Optional[int] = None
+    # Compile the decode step (torch.compile, static shapes): several seconds of compilation,
+    # then faster tokens. Also the generate flag --compile.
+    compile_decode: bool = False
 
 
 @dataclass

@@ -188,6 +188,24 @@ def test_batch_equals_single_for_prompts_of_different_lengths(model):
     assert generate_batch(model, prompts, max_new_tokens=40, temperature=0, use_cache=False) == alone
 
 
+def test_compiled_decode_step_gives_the_eager_tokens(model):
+    """torch.compile of the decode step: the same greedy tokens as eager, past the context window
+    (re-prefills), in a left-padded batch, and for a second model of the same shape."""
+    prompt = [3, 14, 15, 9, 26]
+    n = 2 * model.config.block_size
+    compiled = generate(model, prompt, max_new_tokens=n, temperature=0, compile=True)
+    assert compiled == generate(model, prompt, max_new_tokens=n, temperature=0)
+    assert len(set(compiled)) > 3
+    prompts = [[5], [7, 8, 9, 10, 11, 12, 13]]
+    assert generate_batch(model, prompts, max_new_tokens=12, temperature=0, compile=True) == \
+        generate_batch(model, prompts, max_new_tokens=12, temperature=0)
+    other = tiny_model(seed=1)
+    assert generate(other, prompt, max_new_tokens=12, temperature=0, compile=True) == \
+        generate(other, prompt, max_new_tokens=12, temperature=0)
+    with pytest.raises(UserError, match="KV-cache"):
+        generate(model, prompt, max_new_tokens=2, compile=True, use_cache=False)
+
+
 def test_batch_with_math_attention_does_not_produce_nan():
     m = tiny_model(attention="math")
     prompts = [[5], [7, 8, 9, 10]]

@@ -75,6 +75,38 @@ def test_math_and_sdpa_paths_agree_and_match_float64_reference():
     torch.testing.assert_close(out, attn.proj(ref), rtol=0, atol=1e-10)
 
 
+def test_math_path_in_float64_matches_sdpa_in_float64():
+    sdpa = Transformer(tiny_config(n_kv_heads=2)).double().eval()
+    math_model = Transformer(tiny_config(n_kv_heads=2, attention="math")).double().eval()
+    math_model.load_state_dict(sdpa.state_dict())
+    idx = torch.randint(0, 61, (2, 20))
+    torch.testing.assert_close(math_model(idx).logits, sdpa(idx).logits, rtol=0, atol=1e-12)
+
+
+def test_auto_trains_short_bf16_sequences_on_cpu_with_the_explicit_path(monkeypatch):
+    """``auto`` switches to the explicit path for bf16 training on CPU; loss and gradients must
+    match sdpa's to bf16 precision, and sdpa must not be called."""
+    auto = Transformer(tiny_config())
+    sdpa = Transformer(tiny_config(attention="sdpa"))
+    sdpa.load_state_dict(auto.state_dict())
+    idx, targets = torch.randint(0, 61, (4, 32)), torch.randint(0, 61, (4, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss = sdpa(idx, targets).loss
+    ref_loss.backward()
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("auto used sdpa for a short bf16 training sequence on CPU")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", no_sdpa)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = auto(idx, targets).loss
+    loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=2e-2)
+    for (name, p), p_ref in zip(auto.named_parameters(), sdpa.parameters()):
+        scale = p_ref.grad.abs().max().item()
+        assert (p.grad - p_ref.grad).abs().max().item() <= 0.05 * scale + 1e-6, name
+
+
 def test_attention_maps_are_causal_distributions():
     model = Transformer(tiny_config()).eval()
     maps = model.attention_maps(torch.randint(0, 61, (1, 12)))

@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (median); large takes fewer")
     parser.add_argument("--gen_tokens", type=int, default=200)
-    parser.add_argument("--compile", action="store_true", help="torch.compile our model")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile our training step and our decode step")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the peak-memory measurements (each runs in a fresh process)")
     parser.add_argument("--compare", choices=["hf"], help="also time Hugging Face LlamaForCausalLM")

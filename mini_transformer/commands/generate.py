@@ -78,6 +78,9 @@ def register(subparsers) -> None:
                        help="a checkpoint directory or a run's out_dir (default: training.out_dir, 'out')")
     model.add_argument("--config", metavar="FILE", help="a YAML config whose generation/advanced sections apply")
     model.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    model.add_argument("--compile", action="store_true",
+                       help="compile the decode step with torch.compile (a few seconds up front, faster "
+                            "tokens after; for long or repeated generations)")
     model.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (from finetune) to apply to the checkpoint")
     model.add_argument("--quantize", choices=["int8", "int4"],
                        help="quantize the weights on load (same as --advanced.quantize)")
@@ -110,6 +113,7 @@ class Settings:
     stop: list[str] = field(default_factory=list)
     seed: Optional[int] = None
     context_keep: Optional[int] = None
+    compile: bool = False
 
     def sampling(self) -> dict[str, Any]:
         return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
@@ -184,7 +188,7 @@ def settings_from(gen: GenerationConfig, args: argparse.Namespace) -> Settings:
         top_k=pick(args.top_k, gen.top_k), top_p=pick(args.top_p, gen.top_p), min_p=pick(args.min_p, gen.min_p),
         repetition_penalty=pick(args.repetition_penalty, gen.repetition_penalty),
         num_samples=pick(args.num_samples, gen.num_samples), stop=stop, seed=args.seed,
-        context_keep=gen.context_keep)
+        context_keep=gen.context_keep, compile=args.compile or gen.compile_decode)
     settings.validate()
     return settings
 
@@ -318,7 +322,7 @@ class Session:
             if self.draft is not None:
                 return speculative_generate_stream(self.model, self.draft, ids, gamma=self.gamma, stats=stats,
                                                    **common)
-            return generate_stream(self.model, ids, **common)
+            return generate_stream(self.model, ids, compile=s.compile, **common)
 
     def seed_for(self, sample: int) -> Optional[int]:
         return None if self.settings.seed is None else self.settings.seed + sample
@@ -382,7 +386,8 @@ class Session:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return generate_batch(self.model, prompts, max_new_tokens=s.max_tokens, seed=seeds[0],
-                                  stop_ids=self.stop_ids, context_keep=s.context_keep, **s.sampling())
+                                  stop_ids=self.stop_ids, context_keep=s.context_keep, compile=s.compile,
+                                  **s.sampling())
 
     def _report_speculative(self, stats, n_tokens: int, elapsed: float, ids: list[int], seed: Optional[int],
                             compare_plain: bool) -> None:

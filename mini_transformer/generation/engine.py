@@ -3,7 +3,7 @@
 Works on token ids only. The base API is an iterator (:func:`generate_batch_stream`, and
 :func:`generate_stream` for one prompt); :func:`generate` and :func:`generate_batch` collect it.
 
-Two steps, as in gpt-fast, so that ``torch.compile`` can later wrap :func:`decode_one_token`:
+Two steps, as in gpt-fast, so that ``torch.compile`` can wrap :func:`decode_one_token` alone:
 
 * :func:`prefill`: the whole (left-padded) prompt batch in one forward, writing cache slots
   ``0..T-1``;
@@ -33,6 +33,12 @@ positions, so each row sees a window of its most recent tokens:
   window rule, so cached and uncached decoding produce the same tokens even past
   ``block_size`` (it exists for tests and the benchmark).
 
+**Compiling the decode step** (``compile=True``): :func:`decode_one_token` goes through
+``torch.compile`` with static shapes, so it compiles once (the slot is a tensor, not a Python
+int) and fuses the norms, rotary embedding and SwiGLU of a token into a few kernels. It costs
+several seconds of compilation on first use and pays back on long generations (BENCHMARKS.md).
+The compiled step is kept per model for later calls.
+
 The KV-cache lives in the model (``setup_kv_cache``), from the first ``next()`` until the stream
 ends or is closed, so run one generation per model at a time. The model is put in eval mode for
 the duration and restored afterwards.
@@ -40,8 +46,10 @@ the duration and restored afterwards.
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -78,6 +86,21 @@ def decode_one_token(model: Transformer, token: torch.Tensor, input_pos: torch.T
     """
     out = model(token, input_pos=input_pos, position_ids=position_ids, attn_mask=attn_mask)
     return out.logits[:, -1]
+
+
+_COMPILED_DECODE: "weakref.WeakKeyDictionary[Transformer, Callable[..., torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def compiled_decode(model: Transformer) -> Callable[..., torch.Tensor]:
+    """``decode_one_token`` bound to ``model`` and compiled with static shapes."""
+    step = _COMPILED_DECODE.get(model)
+    if step is None:
+        def decode(token, input_pos, position_ids=None, attn_mask=None):
+            return decode_one_token(model, token, input_pos, position_ids, attn_mask)
+
+        step = torch.compile(decode, fullgraph=True, dynamic=False)
+        _COMPILED_DECODE[model] = step
+    return step
 
 
 # -- rows and their windows -----------------------------------------------------------------
@@ -134,8 +157,9 @@ def key_mask(pads: torch.Tensor, length: int) -> torch.Tensor:
 class _CachedStepper:
     """Prefill once (and again after a slide), then one decode step per token."""
 
-    def __init__(self, model: Transformer, batch_size: int, pad_id: int):
+    def __init__(self, model: Transformer, batch_size: int, pad_id: int, compile: bool = False):
         self.model = model
+        self.decode_step = compiled_decode(model) if compile else functools.partial(decode_one_token, model)
         self.pad_id = pad_id
         self.cache_len = model.config.block_size
         self.device = model.tok_emb.weight.device
@@ -165,7 +189,7 @@ class _CachedStepper:
         token = torch.tensor(last, device=self.device)[:, None]  # (B, 1)
         input_pos = torch.tensor([self.slot], device=self.device)  # (1,)
         position_ids = None if self.pads is None else (self.slot - self.pads)[:, None]  # (B, 1)
-        logits = decode_one_token(self.model, token, input_pos, position_ids, self.mask)
+        logits = self.decode_step(token, input_pos, position_ids, self.mask)
         self.slot += 1
         return logits
 
@@ -209,6 +233,7 @@ def generate_batch_stream(
     generator: Optional[torch.Generator] = None,
     stop_ids: Iterable[int] = (),
     use_cache: bool = True,
+    compile: bool = False,
     context_keep: Optional[int] = None,
     pad_id: int = 0,
 ) -> Iterator[list[Optional[int]]]:
@@ -217,7 +242,8 @@ def generate_batch_stream(
     A row that has produced a token of ``stop_ids`` (which is not yielded) or finished earlier
     gets ``None``. Iteration ends after ``max_new_tokens`` steps or when every row has stopped.
     ``generator`` (or ``seed``) makes sampling reproducible. See the module docstring for the
-    context window, ``context_keep`` and ``use_cache``.
+    context window, ``context_keep`` and ``use_cache``, and for ``compile`` (the compiled decode
+    step; needs ``use_cache``).
     """
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
     rows_in = _check_prompts(model, prompts, max_new_tokens)
@@ -225,13 +251,15 @@ def generate_batch_stream(
     keep = _check_keep(context_keep, block_size)
     # The generator lives on the model's device: CUDA sampling refuses a CPU generator.
     generator = generator or make_generator(seed, model.tok_emb.weight.device)
+    if compile and not use_cache:
+        raise UserError("compiling the decode step needs the KV-cache; drop use_cache=False or compile")
     return _generate(model, rows_in, max_new_tokens, params, generator,
-                     frozenset(stop_ids), use_cache, keep, pad_id)
+                     frozenset(stop_ids), use_cache, compile, keep, pad_id)
 
 
 def _generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
-              generator: torch.Generator, stop_ids: frozenset[int], use_cache: bool, keep: int,
-              pad_id: int) -> Iterator[list[Optional[int]]]:
+              generator: torch.Generator, stop_ids: frozenset[int], use_cache: bool, compile: bool,
+              keep: int, pad_id: int) -> Iterator[list[Optional[int]]]:
     batch = len(prompts)
     rows = _Rows(prompts, model.config.block_size, keep)
     seen = None
@@ -241,8 +269,9 @@ def _generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
     was_training = model.training
     model.eval()
     restore_math = _avoid_math_attention_with_padding(model, prompts)
-    restore_linears = _decode_friendly_linears(model)
-    stepper = _CachedStepper(model, batch, pad_id) if use_cache else _UncachedStepper(model, pad_id)
+    # Under torch.compile the matmuls are Inductor's; the eager layout trick would only add copies.
+    restore_linears = _decode_friendly_linears(model) if not compile else (lambda: None)
+    stepper = _CachedStepper(model, batch, pad_id, compile) if use_cache else _UncachedStepper(model, pad_id)
     try:
         for _ in range(max_new_tokens):
             logits = stepper.next_logits(rows)  # (B, V)
@@ -281,7 +310,7 @@ def generate_stream(model: Transformer, prompt_ids: Sequence[int], **kwargs) -> 
 
     Takes the keyword arguments of :func:`generate_batch_stream` (``max_new_tokens``,
     ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``seed`` or
-    ``generator``, ``stop_ids``, ``use_cache``, ``context_keep``).
+    ``generator``, ``stop_ids``, ``use_cache``, ``compile``, ``context_keep``).
     """
     # Not a generator itself: the prompt is checked (and a crop warned about) at call time.
     return _first_row(generate_batch_stream(model, [prompt_ids], **kwargs))

@@ -45,8 +45,32 @@ class BenchSettings:
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, PyTorch {torch.__version__}"
-    return (f"{platform.processor() or platform.machine()} CPU ({torch.backends.cpu.get_cpu_capability()}), "
+    return (f"{_cpu_model_name()} ({torch.backends.cpu.get_cpu_capability()}{_cpu_matrix_extensions()}), "
             f"{torch.get_num_threads()} threads, PyTorch {torch.__version__}")
+
+
+def _cpuinfo_field(name: str) -> str:
+    """The first ``name: value`` line of /proc/cpuinfo (Linux); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _cpu_model_name() -> str:
+    return _cpuinfo_field("model name") or f"{platform.processor() or platform.machine()} CPU"
+
+
+def _cpu_matrix_extensions() -> str:
+    """Whether bf16 matmuls have AMX tiles or AVX-512 BF16: a 5x vs 2x speedup over fp32."""
+    flags = set(_cpuinfo_field("flags").split())
+    found = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    return f", {', '.join(found)}" if found else ""
 
 
 def preset_model_config(preset: str, block_size: Optional[int], norm: Optional[str] = None) -> ModelConfig:

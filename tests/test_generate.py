@@ -191,11 +191,16 @@ def test_batch_equals_single_for_prompts_of_different_lengths(model):
 def test_compiled_decode_step_gives_the_eager_tokens(model):
     """torch.compile of the decode step: the same greedy tokens as eager, past the context window
     (re-prefills), in a left-padded batch, and for a second model of the same shape."""
+    from torch._dynamo.utils import counters
+
     prompt = [3, 14, 15, 9, 26]
     n = 2 * model.config.block_size
+    counters.clear()
     compiled = generate(model, prompt, max_new_tokens=n, temperature=0, compile=True)
     assert compiled == generate(model, prompt, max_new_tokens=n, temperature=0)
     assert len(set(compiled)) > 3
+    # Static shapes: one graph for every token and slot, across the window's re-prefills.
+    assert counters["stats"]["unique_graphs"] == 1
     prompts = [[5], [7, 8, 9, 10, 11, 12, 13]]
     assert generate_batch(model, prompts, max_new_tokens=12, temperature=0, compile=True) == \
         generate_batch(model, prompts, max_new_tokens=12, temperature=0)

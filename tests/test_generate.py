@@ -3,8 +3,10 @@ cached == uncached, batch == single, streaming text, speculative decoding, atten
 
 from __future__ import annotations
 
+import gc
 import math
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -207,6 +209,11 @@ def test_compiled_decode_step_gives_the_eager_tokens(model):
     other = tiny_model(seed=1)
     assert generate(other, prompt, max_new_tokens=12, temperature=0, compile=True) == \
         generate(other, prompt, max_new_tokens=12, temperature=0)
+    # The compiled step holds no model: a model used with it can still be freed.
+    alive = weakref.ref(other)
+    del other
+    gc.collect()
+    assert alive() is None
     with pytest.raises(UserError, match="KV-cache"):
         generate(model, prompt, max_new_tokens=2, compile=True, use_cache=False)
 

@@ -37,7 +37,7 @@ positions, so each row sees a window of its most recent tokens:
 ``torch.compile`` with static shapes, so it compiles once (the slot is a tensor, not a Python
 int) and fuses the norms, rotary embedding and SwiGLU of a token into a few kernels. It costs
 several seconds of compilation on first use and pays back on long generations (BENCHMARKS.md).
-The compiled step is kept per model for later calls.
+The compiled step is made once per process and reused.
 
 The KV-cache lives in the model (``setup_kv_cache``), from the first ``next()`` until the stream
 ends or is closed, so run one generation per model at a time. The model is put in eval mode for
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -88,19 +87,15 @@ def decode_one_token(model: Transformer, token: torch.Tensor, input_pos: torch.T
     return out.logits[:, -1]
 
 
-_COMPILED_DECODE: "weakref.WeakKeyDictionary[Transformer, Callable[..., torch.Tensor]]" = weakref.WeakKeyDictionary()
+@functools.cache
+def compiled_decode_one_token() -> Callable[..., torch.Tensor]:
+    """:func:`decode_one_token` through ``torch.compile`` with static shapes, made once.
 
-
-def compiled_decode(model: Transformer) -> Callable[..., torch.Tensor]:
-    """``decode_one_token`` bound to ``model`` and compiled with static shapes."""
-    step = _COMPILED_DECODE.get(model)
-    if step is None:
-        def decode(token, input_pos, position_ids=None, attn_mask=None):
-            return decode_one_token(model, token, input_pos, position_ids, attn_mask)
-
-        step = torch.compile(decode, fullgraph=True, dynamic=False)
-        _COMPILED_DECODE[model] = step
-    return step
+    The model is an argument, not captured: Dynamo lifts its weights and cache buffers as graph
+    inputs, so models of the same shapes share one compiled graph, and no compiled function
+    keeps a model alive.
+    """
+    return torch.compile(decode_one_token, fullgraph=True, dynamic=False)
 
 
 # -- rows and their windows -----------------------------------------------------------------
@@ -159,7 +154,8 @@ class _CachedStepper:
 
     def __init__(self, model: Transformer, batch_size: int, pad_id: int, compile: bool = False):
         self.model = model
-        self.decode_step = compiled_decode(model) if compile else functools.partial(decode_one_token, model)
+        decode = compiled_decode_one_token() if compile else decode_one_token
+        self.decode_step = functools.partial(decode, model)
         self.pad_id = pad_id
         self.cache_len = model.config.block_size
         self.device = model.tok_emb.weight.device

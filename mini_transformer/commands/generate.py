@@ -226,6 +226,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if draft_dir:
         draft_model, _, draft_tokenizer = load_for_inference(draft_dir, device)
         session.set_draft(draft_model, draft_tokenizer, gamma=args.gamma or config.advanced.speculative_gamma)
+        if settings.compile:
+            note("--compile applies to plain decoding; speculative decoding runs uncompiled "
+                 "(and so does its --compare_plain baseline, to compare like with like)")
     log_attention = args.log_attention or config.advanced.log_attention
     if log_attention and (args.interactive or args.prompts_file):
         note("attention maps are logged for --prompt only")

@@ -34,10 +34,10 @@ positions, so each row sees a window of its most recent tokens:
   ``block_size`` (it exists for tests and the benchmark).
 
 **Compiling the decode step** (``compile=True``): :func:`decode_one_token` goes through
-``torch.compile`` with static shapes, so it compiles once (the slot is a tensor, not a Python
-int) and fuses the norms, rotary embedding and SwiGLU of a token into a few kernels. It costs
-several seconds of compilation on first use and pays back on long generations (BENCHMARKS.md).
-The compiled step is made once per process and reused.
+``torch.compile`` with static shapes: the slot is a tensor, not a Python int, so tokens never
+recompile; a new batch size, padding layout or model shape does, once. It fuses the norms,
+rotary embedding and SwiGLU of a token into a few kernels, costs several seconds of
+compilation on first use and pays back on long generations (BENCHMARKS.md).
 
 The KV-cache lives in the model (``setup_kv_cache``), from the first ``next()`` until the stream
 ends or is closed, so run one generation per model at a time. The model is put in eval mode for
@@ -75,6 +75,12 @@ def prefill(model: Transformer, idx: torch.Tensor, input_pos: torch.Tensor,
     return out.logits[:, -1]
 
 
+def _next_logits(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor,
+                 position_ids: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    out = model(token, input_pos=input_pos, position_ids=position_ids, attn_mask=attn_mask)
+    return out.logits[:, -1]
+
+
 @torch.no_grad()
 def decode_one_token(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor,
                      position_ids: Optional[torch.Tensor] = None,
@@ -83,19 +89,37 @@ def decode_one_token(model: Transformer, token: torch.Tensor, input_pos: torch.T
 
     Static shapes: ``position_ids`` (B, 1) and ``attn_mask`` (B, cache_len) never change size.
     """
-    out = model(token, input_pos=input_pos, position_ids=position_ids, attn_mask=attn_mask)
-    return out.logits[:, -1]
+    return _next_logits(model, token, input_pos, position_ids, attn_mask)
 
 
 @functools.cache
-def compiled_decode_one_token() -> Callable[..., torch.Tensor]:
-    """:func:`decode_one_token` through ``torch.compile`` with static shapes, made once.
+def _compiled_next_logits() -> Callable[..., torch.Tensor]:
+    # Compiled once per process, on our own undecorated function: Dynamo keys its cache on the
+    # code object, and a decorated function would share the cache (and its limit of 8 entries)
+    # with every other function behind torch.no_grad's wrapper. The model is an argument, not
+    # captured: its weights and cache buffers become graph inputs, so models of the same shapes
+    # share one graph and no compiled function keeps a model alive. Not fullgraph: past the
+    # entry limit (many batch sizes or model shapes in one process) Dynamo then runs the step
+    # eagerly with a warning instead of failing.
+    return torch.compile(_next_logits, dynamic=False)
 
-    The model is an argument, not captured: Dynamo lifts its weights and cache buffers as graph
-    inputs, so models of the same shapes share one compiled graph, and no compiled function
-    keeps a model alive.
+
+def compiled_decode_one_token(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor,
+                              position_ids: Optional[torch.Tensor] = None,
+                              attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`decode_one_token` through ``torch.compile`` with static shapes.
+
+    One graph per model shape, dtype, batch size and padding layout (padded batches carry
+    per-row positions and a key mask); the slot is a tensor, so tokens never recompile. A
+    compiler failure (no C++ compiler, say) is reported as a :class:`UserError`.
     """
-    return torch.compile(decode_one_token, fullgraph=True, dynamic=False)
+    try:
+        with torch.no_grad():
+            return _compiled_next_logits()(model, token, input_pos, position_ids, attn_mask)
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        raise UserError(f"compiling the decode step failed ({type(error.inner_exception).__name__}: "
+                        f"{str(error.inner_exception).splitlines()[0][:200]}); generate without "
+                        "--compile (generation.compile_decode: false)") from None
 
 
 # -- rows and their windows -----------------------------------------------------------------
@@ -154,7 +178,7 @@ class _CachedStepper:
 
     def __init__(self, model: Transformer, batch_size: int, pad_id: int, compile: bool = False):
         self.model = model
-        decode = compiled_decode_one_token() if compile else decode_one_token
+        decode = compiled_decode_one_token if compile else decode_one_token
         self.decode_step = functools.partial(decode, model)
         self.pad_id = pad_id
         self.cache_len = model.config.block_size

@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# make demo DATA=path/to/text.txt trains on that text instead.
 demo: $(STAMP)
-	$(PY) -m mini_transformer.demo
+	$(PY) -m mini_transformer.demo $(if $(DATA),--input "$(DATA)")
 
 bench: $(STAMP)
 	$(VENV)/bin/mini-transformer bench

@@ -1,15 +1,18 @@
 """``make demo``: prepare data, train the tiny preset on the CPU for about two minutes, stream a sample.
 
-The data is ``data/input.txt`` if it exists, else Tiny Shakespeare if it can be downloaded, else
-this Python's own standard library (no network needed). Run as ``python -m mini_transformer.demo``.
+The data is the file given with ``--input`` (``make demo DATA=file.txt``), else
+``data/input.txt`` if it exists, else Tiny Shakespeare if it can be downloaded, else this
+Python's own standard library (no network needed). Run as ``python -m mini_transformer.demo``.
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from .config import load_config
 from .errors import UserError
@@ -18,8 +21,12 @@ OUT_DIR = "out-demo"
 TIME_BUDGET_S = 120.0  # training stops here at the latest, then evaluates and saves
 
 
-def choose_data() -> tuple[list[str], str, str]:
+def choose_data(input_path: Optional[str] = None) -> tuple[list[str], str, str]:
     """(config overrides, a description, a prompt that suits the text)."""
+    if input_path is not None:
+        if not Path(input_path).is_file():
+            raise UserError(f"demo input {input_path!r} not found; pass an existing text file (DATA=path/to/text.txt)")
+        return ["--data.path", input_path], input_path, "\n"
     if Path("data/input.txt").is_file():
         return ["--data.path", "data/input.txt"], "data/input.txt", "\n"
     from .data import dataset_sources
@@ -32,14 +39,29 @@ def choose_data() -> tuple[list[str], str, str]:
     return ["--data.dataset", "pystdlib"], "the Python standard library's source (offline corpus)", "def "
 
 
-def main() -> int:
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mini_transformer.demo",
+        description="Prepare data, train the tiny preset on the CPU for about two minutes, stream a sample.",
+        epilog="examples:\n  make demo\n  make demo DATA=my_text.txt\n  python -m mini_transformer.demo --input my_text.txt",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", metavar="FILE", help="train on this text file (default: see above)")
+    args = parser.parse_args(argv)
+    try:
+        return run(args.input)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(input_path: Optional[str]) -> int:
     from .checkpoint import load_for_inference
     from .generation import generate_stream, stream_text
     from .training import train
 
     started = time.perf_counter()
+    data_overrides, description, prompt = choose_data(input_path)
     shutil.rmtree(OUT_DIR, ignore_errors=True)  # the demo's own scratch run: start it afresh
-    data_overrides, description, prompt = choose_data()
     print(f"data: {description}")
     config = load_config(preset="tiny", overrides=[
         *data_overrides,
@@ -49,19 +71,15 @@ def main() -> int:
         "--training.eval_interval", "300", "--training.eval_iters", "20", "--training.log_interval", "20",
         "--training.max_seconds", str(TIME_BUDGET_S), "--training.out_dir", OUT_DIR,
     ])
-    try:
-        result = train(config)
-        model, _, tokenizer = load_for_inference(OUT_DIR)
-        print(f"\ntrained {result.step} steps in {result.seconds:.0f} s; "
-              f"val loss {result.final_val_loss:.3f}. A sample (temperature 0.8, top-k 50):\n")
-        print(prompt, end="", flush=True)
-        tokens = generate_stream(model, tokenizer.encode(prompt), max_new_tokens=300, temperature=0.8,
-                                 top_k=50, seed=1337)
-        for piece in stream_text(tokens, tokenizer.decode):
-            print(piece, end="", flush=True)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = train(config)
+    model, _, tokenizer = load_for_inference(OUT_DIR)
+    print(f"\ntrained {result.step} steps in {result.seconds:.0f} s; "
+          f"val loss {result.final_val_loss:.3f}. A sample (temperature 0.8, top-k 50):\n")
+    print(prompt, end="", flush=True)
+    tokens = generate_stream(model, tokenizer.encode(prompt), max_new_tokens=300, temperature=0.8,
+                             top_k=50, seed=1337)
+    for piece in stream_text(tokens, tokenizer.decode):
+        print(piece, end="", flush=True)
     print(f"\n\ncheckpoint: {Path(OUT_DIR).resolve()}  (done in {time.perf_counter() - started:.0f} s)")
     print(f"next: python generate.py --checkpoint {OUT_DIR} --prompt {prompt.strip() or 'Hello'!r} --stream")
     print(f"      python generate.py --checkpoint {OUT_DIR} --interactive")

@@ -107,6 +107,28 @@ def test_auto_trains_short_bf16_sequences_on_cpu_with_the_explicit_path(monkeypa
         assert (p.grad - p_ref.grad).abs().max().item() <= 0.05 * scale + 1e-6, name
 
 
+def test_auto_under_compile_uses_the_explicit_path_up_to_256_bf16_tokens_on_cpu():
+    """Under torch.compile the explicit path's threshold is 256 tokens, 128 in eager mode. The
+    traced graph (Dynamo only, no Inductor) shows which attention was taken."""
+    seen: list[str] = []
+
+    def record(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = Transformer(tiny_config(block_size=192, n_layers=1))
+    idx, targets = torch.randint(0, 61, (1, 192)), torch.randint(0, 61, (1, 192))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.compile(model, backend=record)(idx, targets).loss
+    assert torch.isfinite(loss)
+    assert not any("scaled_dot_product_attention" in target for target in seen)
+    assert any("softmax" in target for target in seen)
+    # Eager at 192 tokens keeps SDPA.
+    assert not model.blocks[0].attn._explicit_is_faster(torch.zeros(1, 4, 192, 16, dtype=torch.bfloat16))
+    torch._dynamo.reset()
+
+
 def test_attention_maps_are_causal_distributions():
     model = Transformer(tiny_config()).eval()
     maps = model.attention_maps(torch.randint(0, 61, (1, 12)))

@@ -25,7 +25,8 @@ def choose_data(input_path: Optional[str] = None) -> tuple[list[str], str, str]:
     """(config overrides, a description, a prompt that suits the text)."""
     if input_path is not None:
         if not Path(input_path).is_file():
-            raise UserError(f"demo input {input_path!r} not found; pass an existing text file (DATA=path/to/text.txt)")
+            raise UserError(f"demo input {input_path!r} not found; "
+                            "pass an existing text file (DATA=path/to/text.txt)")
         return ["--data.path", input_path], input_path, "\n"
     if Path("data/input.txt").is_file():
         return ["--data.path", "data/input.txt"], "data/input.txt", "\n"
@@ -43,7 +44,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mini_transformer.demo",
         description="Prepare data, train the tiny preset on the CPU for about two minutes, stream a sample.",
-        epilog="examples:\n  make demo\n  make demo DATA=my_text.txt\n  python -m mini_transformer.demo --input my_text.txt",
+        epilog="examples:\n  make demo\n  make demo DATA=my_text.txt\n"
+               "  python -m mini_transformer.demo --input my_text.txt",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", metavar="FILE", help="train on this text file (default: see above)")
     args = parser.parse_args(argv)

@@ -82,8 +82,8 @@ def estimate_memory(config: ModelConfig, batch_size: int, activation_bytes: int 
     The activation figure counts the tensors each block keeps for the backward pass (inputs of
     the norms and projections, q/k/v, the attention output, the SwiGLU gate, up and product),
     the attention's T x T weights when the math path or attention dropout keeps them, dropout
-    masks, and the logits with their fp32 copy for the loss. With gradient checkpointing only each block's input is kept, plus the
-    activations of the one block being recomputed.
+    masks, and the logits with their fp32 copy for the loss. With gradient checkpointing only
+    each block's input is kept, plus the activations of the one block being recomputed.
     """
     params = count_parameters(config).total
     B, T, d, h = batch_size, config.block_size, config.d_model, config.hidden_size
@@ -245,10 +245,10 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1
                          min_seconds: float = 0.45) -> float:
     """This device's matmul throughput (FLOP/s) for ``dtype``: the ceiling MFU is measured against.
 
-    The fastest of the single products timed over the last two thirds of ``min_seconds``: a ceiling is what the device
-    can do, and on a shared machine the median of a short burst can catch a busy moment (MFU
-    above 100% in the progress bar). Uses constant inputs, so it draws nothing from the global
-    RNG (resumed runs stay exact).
+    The fastest of the single products timed over the last two thirds of ``min_seconds``: a
+    ceiling is what the device can do, and on a shared machine the median of a short burst can
+    catch a busy moment (MFU above 100% in the progress bar). Uses constant inputs, so it draws
+    nothing from the global RNG (resumed runs stay exact).
     """
     import time
 

@@ -127,7 +127,7 @@ class Trainer:
         self.step = 0
         self.best_val_loss: Optional[float] = None
         self.bad_steps = 0
-        self._resume_optimizer_state: Optional[dict[str, Any]] = None  # FSDP: loaded after sharding
+        self._resume_optimizer_state: Optional[dict[str, Any]] = None  # loaded once the model is wrapped
 
     # -- set-up -------------------------------------------------------------------------------
     def _say(self, message: str) -> None:
@@ -209,9 +209,9 @@ class Trainer:
         model = wrap_model(self.model, self.dist, self.device, compile=self.t.compile, dtype=self.dtype)
         if self.dist.fsdp:  # fully_shard swapped in sharded parameters: the optimizer must hold those
             self.optimizer = build_optimizer(self.model, self.t, self.device)
-            if self._resume_optimizer_state is not None:
-                load_full_optimizer_state(self.model, self.optimizer, self._resume_optimizer_state, self.dist)
-                self._resume_optimizer_state = None
+        if self._resume_optimizer_state is not None:  # FSDP keeps only this rank's shard of it
+            load_full_optimizer_state(self.model, self.optimizer, self._resume_optimizer_state, self.dist)
+            self._resume_optimizer_state = None
         return model
 
     def _load_resume_state(self, directory: Path) -> None:
@@ -221,10 +221,7 @@ class Trainer:
                             f"({_shape(saved)} vs {_shape(self.config)}); use its config or another out_dir")
         ckpt.load_weights_into(self.model, ckpt.read_weights(directory / ckpt.WEIGHTS_FILE), directory)
         state = ckpt.read_train_state(directory)
-        if self.dist.fsdp:
-            self._resume_optimizer_state = state["optimizer"]
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        self._resume_optimizer_state = state["optimizer"]
         self.scaler.load_state_dict(state["scaler"])
         self.train_sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])

@@ -241,19 +241,23 @@ def format_table(rows: list[tuple[str, str]], headers: tuple[str, str] = ("quant
     return "\n".join(lines)
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024,
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int | None = None,
                          min_seconds: float = 0.45) -> float:
     """This device's matmul throughput (FLOP/s) for ``dtype``: the ceiling MFU is measured against.
 
     The fastest of the single products timed over the last two thirds of ``min_seconds``: a
     ceiling is what the device can do, and on a shared machine the median of a short burst can
-    catch a busy moment (MFU above 100% in the progress bar). Uses constant inputs, so it draws
-    nothing from the global RNG (resumed runs stay exact).
+    catch a busy moment (MFU above 100% in the progress bar). The product is 1024 square on CPU
+    and 8192 square on a GPU, which a 1024 product leaves mostly idle. Inputs are random, from a
+    private generator: constant or zero inputs run faster than real data on some GPUs, and the
+    global RNG stays untouched (resumed runs stay exact).
     """
     import time
 
-    a = torch.full((size, size), 0.5, device=device, dtype=dtype)
-    b = torch.full((size, size), 0.25, device=device, dtype=dtype)
+    size = size or (8192 if device.type == "cuda" else 1024)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn((size, size), device=device, dtype=dtype, generator=generator)
+    b = torch.randn((size, size), device=device, dtype=dtype, generator=generator)
     # Warm up for a third of the time: the first products of a process run slower (thread pool
     # start-up, clocks ramping).
     start = time.perf_counter()

@@ -48,3 +48,29 @@ def test_profile_command_prints_table(run_cli):
     assert "measured peak of one training step" in out
     total = count_parameters(ModelConfig(vocab_size=65, d_model=128, n_heads=4, n_layers=4, block_size=128)).total
     assert f"{total:,}" in out
+
+
+def test_matmul_ceiling_is_measured_without_touching_the_global_rng():
+    """The MFU ceiling uses a private generator: a resumed run's random stream stays exact."""
+    from mini_transformer.profile import measure_matmul_flops
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    flops = measure_matmul_flops(torch.device("cpu"), torch.float32, size=256, min_seconds=0.05)
+    assert torch.equal(torch.get_rng_state(), state)
+    # At least a (very slow) 100 MFLOP/s, and below 1 PFLOP/s: a real rate, not a unit slip.
+    assert 1e8 < flops < 1e15
+
+
+def test_tf32_is_allowed_on_cuda_only():
+    from mini_transformer.device import allow_tf32_on_cuda
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        allow_tf32_on_cuda(torch.device("cpu"))
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        allow_tf32_on_cuda(torch.device("cuda"))  # only flips backend flags: no GPU needed
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

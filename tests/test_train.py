@@ -94,7 +94,8 @@ def _captured_grads(config: Config, batches):
                 seen[i] = p.grad.detach().clone()
 
     trainer.optimizer.register_step_pre_hook(hook)
-    loss, norm = trainer._train_step(lr=1e-3)
+    trainer._train_step(lr=1e-3)
+    (loss, norm), = trainer._settle()
     trainer.close()
     return seen, loss, norm
 
@@ -165,11 +166,20 @@ def test_dropout_annealing_reaches_every_module_and_is_logged(tmp_path):
     assert logged[0] == pytest.approx(0.3) and logged == sorted(logged, reverse=True)
 
 
-def test_nan_guard_skips_steps_then_stops_with_advice(tmp_path, monkeypatch):
+@pytest.mark.parametrize("on_device", [True, False], ids=["skip-on-device", "skip-on-host"])
+def test_nan_guard_skips_steps_then_stops_with_advice(tmp_path, monkeypatch, on_device):
+    """Fused AdamW skips a non-finite step on the device (no host sync); fp16 loss scaling and
+    FSDP decide on the host. Either way: weights and AdamW state untouched, a warning per
+    skipped step, and an error with advice after max_bad_steps in a row."""
     config = small_config(tmp_path, max_iters=10, max_bad_steps=3)
     trainer = Trainer(config, progress=False, log=None)
     trainer.setup()
+    assert trainer._skips_on_device  # fused AdamW on CPU
+    trainer._skips_on_device = on_device
+    trainer._train_step(lr=1e-3)  # one good step, so that AdamW has state to keep
+    assert trainer._settle()[0][0] > 0
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    adam_before = {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"][0].items()}
     real_forward = trainer.model.forward
 
     def nan_forward(*args, **kwargs):
@@ -177,15 +187,57 @@ def test_nan_guard_skips_steps_then_stops_with_advice(tmp_path, monkeypatch):
         return out._replace(loss=out.loss * float("nan"))
 
     monkeypatch.setattr(trainer.model, "forward", nan_forward)
+    trainer._train_step(lr=1e-3)
     with pytest.warns(UserWarning, match="step skipped"):
-        trainer._train_step(lr=1e-3)
+        (loss, _), = trainer._settle()
+    assert math.isnan(loss)
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+    for k, v in trainer.optimizer.state_dict()["state"][0].items():
+        assert torch.equal(v, adam_before[k]), k  # moments and step count too
+    trainer._train_step(lr=1e-3)
+    trainer._train_step(lr=1e-3)
     with pytest.raises(UserError, match="lower training.learning_rate"):
         with pytest.warns(UserWarning):
-            trainer._train_step(lr=1e-3)
-            trainer._train_step(lr=1e-3)
+            trainer._settle()
     trainer.close()
+
+
+def test_losses_are_read_every_few_steps_not_every_step(tmp_path, monkeypatch):
+    """The loop reads losses from the device at log and eval steps and every max_bad_steps
+    steps, not after each step; a run with two non-finite steps in the middle skips them,
+    warns, and goes on."""
+    config = small_config(tmp_path, max_iters=12, log_interval=6, eval_interval=12, max_bad_steps=4)
+    trainer = Trainer(config, progress=False, log=None)
+    trainer.setup()
+    settles = []
+    real_settle = trainer._settle
+    # The steps at which values waited to be read, each read being one device sync.
+    def counting_settle():
+        if trainer._pending:
+            settles.append(trainer.step)
+        return real_settle()
+
+    monkeypatch.setattr(trainer, "_settle", counting_settle)
+    real_forward = trainer.model.forward
+    calls = []
+
+    def sometimes_nan(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        if trainer.model.training:
+            calls.append(None)
+            if len(calls) in (3, 4):
+                return out._replace(loss=out.loss * float("nan"))
+        return out
+
+    monkeypatch.setattr(trainer.model, "forward", sometimes_nan)
+    with pytest.warns(UserWarning, match="step skipped") as caught:
+        result = trainer.run()
+    trainer.close()
+    assert settles == [4, 6, 10, 12]
+    assert [str(w.message).split(":")[0] for w in caught] == ["step 3", "step 4"]
+    assert len(result.losses) == 12 and [i for i, x in enumerate(result.losses) if math.isnan(x)] == [2, 3]
+    assert int(trainer.optimizer.state_dict()["state"][0]["step"]) == 10  # two steps skipped
 
 
 def test_metrics_checkpoint_layout_and_plot(tmp_path):

@@ -207,11 +207,12 @@ def default_checkpoint(args: argparse.Namespace, file_raw: dict[str, Any], overr
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..checkpoint import load_for_inference
-    from ..device import resolve_device
+    from ..device import allow_tf32_on_cuda, resolve_device
 
     check_flags(args)
     file_raw, override_raw = read_config_sections(args.config, overrides)
     device = resolve_device(args.device)
+    allow_tf32_on_cuda(device)
     model, config, tokenizer = load_for_inference(default_checkpoint(args, file_raw, override_raw), device,
                                                   adapter=args.adapter)
     config = merged_config(config, file_raw, override_raw, args.config or "config")

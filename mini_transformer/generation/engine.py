@@ -37,7 +37,9 @@ positions, so each row sees a window of its most recent tokens:
 ``torch.compile`` with static shapes: the slot is a tensor, not a Python int, so tokens never
 recompile; a new batch size, padding layout or model shape does, once. It fuses the norms,
 rotary embedding and SwiGLU of a token into a few kernels, costs several seconds of
-compilation on first use and pays back on long generations (BENCHMARKS.md).
+compilation on first use and pays back on long generations (BENCHMARKS.md). On CUDA the step is
+also captured as a CUDA graph (``DECODE_COMPILE_MODES``), since launches, not arithmetic, are
+what a small model's token costs there.
 
 The KV-cache lives in the model (``setup_kv_cache``), from the first ``next()`` until the stream
 ends or is closed, so run one generation per model at a time. The model is put in eval mode for
@@ -92,16 +94,22 @@ def decode_one_token(model: Transformer, token: torch.Tensor, input_pos: torch.T
     return _next_logits(model, token, input_pos, position_ids, attn_mask)
 
 
+# Inductor's mode per device type. On a GPU a decode step of a small model is a few hundred
+# short kernels, so launch overhead dominates: "reduce-overhead" replays them as one CUDA graph
+# (the KV-cache is a module buffer with a fixed address, written in place, as CUDA graphs need).
+DECODE_COMPILE_MODES: dict[str, str] = {"cuda": "reduce-overhead"}
+
+
 @functools.cache
-def _compiled_next_logits() -> Callable[..., torch.Tensor]:
-    # Compiled once per process, on our own undecorated function: Dynamo keys its cache on the
-    # code object, and a decorated function would share the cache (and its limit of 8 entries)
-    # with every other function behind torch.no_grad's wrapper. The model is an argument, not
-    # captured: its weights and cache buffers become graph inputs, so models of the same shapes
-    # share one graph and no compiled function keeps a model alive. Not fullgraph: past the
-    # entry limit (many batch sizes or model shapes in one process) Dynamo then runs the step
-    # eagerly with a warning instead of failing.
-    return torch.compile(_next_logits, dynamic=False)
+def _compiled_next_logits(mode: str = "default") -> Callable[..., torch.Tensor]:
+    # Compiled once per process and mode, on our own undecorated function: Dynamo keys its cache
+    # on the code object, and a decorated function would share the cache (and its limit of 8
+    # entries) with every other function behind torch.no_grad's wrapper. The model is an
+    # argument, not captured: its weights and cache buffers become graph inputs, so models of
+    # the same shapes share one graph and no compiled function keeps a model alive. Not
+    # fullgraph: past the entry limit (many batch sizes or model shapes in one process) Dynamo
+    # then runs the step eagerly with a warning instead of failing.
+    return torch.compile(_next_logits, dynamic=False, mode=mode)
 
 
 def compiled_decode_one_token(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor,
@@ -113,9 +121,10 @@ def compiled_decode_one_token(model: Transformer, token: torch.Tensor, input_pos
     per-row positions and a key mask); the slot is a tensor, so tokens never recompile. A
     compiler failure (no C++ compiler, say) is reported as a :class:`UserError`.
     """
+    mode = DECODE_COMPILE_MODES.get(token.device.type, "default")
     try:
         with torch.no_grad():
-            return _compiled_next_logits()(model, token, input_pos, position_ids, attn_mask)
+            return _compiled_next_logits(mode)(model, token, input_pos, position_ids, attn_mask)
     except torch._dynamo.exc.BackendCompilerFailed as error:
         raise UserError(f"compiling the decode step failed ({type(error.inner_exception).__name__}: "
                         f"{str(error.inner_exception).splitlines()[0][:200]}); generate without "

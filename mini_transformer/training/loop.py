@@ -25,7 +25,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..config import Config
-from ..device import autocast, dtype_name, resolve_device, resolve_dtype
+from ..device import allow_tf32_on_cuda, autocast, dtype_name, resolve_device, resolve_dtype
 from ..errors import UserError
 from ..model import Transformer
 from ..profile import count_parameters, flops_per_token, measure_matmul_flops
@@ -122,11 +122,14 @@ class Trainer:
         self.dist: DistributedContext = init_distributed(self.t, self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
+        allow_tf32_on_cuda(self.device)
         self.dtype = resolve_dtype(self.t.dtype, self.device)
         self.out_dir = Path(self.t.out_dir)
         self.step = 0
         self.best_val_loss: Optional[float] = None
-        self.bad_steps = 0
+        self.bad_steps = 0  # non-finite steps in a row
+        # Steps whose loss, gradient norm and finiteness the host has not read yet: (step, tensors).
+        self._pending: list[tuple[int, torch.Tensor]] = []
         self._resume_optimizer_state: Optional[dict[str, Any]] = None  # loaded once the model is wrapped
 
     # -- set-up -------------------------------------------------------------------------------
@@ -177,6 +180,11 @@ class Trainer:
         self.model.gradient_checkpointing = t.gradient_checkpointing
         self.optimizer = build_optimizer(self.model, t, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
+        # Fused AdamW can skip a non-finite step on the device (its found_inf input, which
+        # GradScaler uses), so the host need not wait for each step's loss. fp16 loss scaling
+        # and FSDP's sharded norms keep the host-side decision.
+        self._skips_on_device = bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled() \
+            and self.dist.mode != "fsdp"
 
         sampler_kwargs = dict(batch_size=t.batch_size, block_size=cfg.model.block_size, seed=t.seed,
                               rank=self.dist.rank, world_size=self.dist.world_size, device=self.device)
@@ -250,7 +258,15 @@ class Trainer:
             f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens")
 
     # -- one optimizer step ---------------------------------------------------------------------
-    def _train_step(self, lr: float) -> tuple[float, float]:
+    def _train_step(self, lr: float) -> None:
+        """Forward, backward, clip and AdamW step; the loss and norm wait in ``self._pending``.
+
+        Why no ``.item()`` here: reading a value makes the host wait until the device has
+        finished the step, so a GPU would idle while the host queues the next one. Where fused
+        AdamW skips non-finite steps by itself, the values are read by :meth:`_settle` every
+        few steps instead. Elsewhere the step is decided on the host at once, and the loop
+        settles every step.
+        """
         t = self.t
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -267,22 +283,46 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm)
-        loss_value = all_reduce_mean(total, self.dist).item()
-        norm_value = local_scalar(grad_norm)
-        if not math.isfinite(loss_value) or (not self.scaler.is_enabled() and not math.isfinite(norm_value)):
+        loss = all_reduce_mean(total, self.dist)
+        if self._skips_on_device:
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            # Where found_inf is 1, fused AdamW leaves weights, moments and step count alone.
+            self.optimizer.found_inf = (~finite).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.update()  # close this step's unscale_ (fp16); lowers the scale after an overflow
-            self.bad_steps += 1
-            warnings.warn(f"step {self.step + 1}: non-finite loss or gradient ({loss_value}); step skipped",
-                          stacklevel=2)
-            if self.bad_steps >= t.max_bad_steps:
-                raise UserError(f"{self.bad_steps} steps in a row had a non-finite loss: {TROUBLESHOOTING}")
-            return loss_value, norm_value
-        self.bad_steps = 0
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            self._pending.append((self.step + 1, torch.stack([loss.float(), grad_norm.float(), finite.float()])))
+            return
+        loss_value, norm_value = loss.item(), local_scalar(grad_norm)
+        # With fp16 loss scaling an inf gradient is the scaler's business: it skips and rescales.
+        finite = math.isfinite(loss_value) and (self.scaler.is_enabled() or math.isfinite(norm_value))
+        if finite:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()  # after an overflow, lowers the scale
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, norm_value
+        self._pending.append((self.step + 1, torch.tensor([loss_value, norm_value, float(finite)])))
+
+    def _settle(self) -> list[tuple[float, float]]:
+        """Read the pending steps' (loss, grad norm) with one device sync, warn of each skipped
+        (non-finite) step, and stop after ``max_bad_steps`` of them in a row."""
+        if not self._pending:
+            return []
+        steps = [step for step, _ in self._pending]
+        values = torch.stack([v.to(self._pending[0][1].device) for _, v in self._pending]).tolist()
+        self._pending.clear()
+        settled = []
+        for step, (loss, norm, finite) in zip(steps, values):
+            settled.append((loss, norm))
+            if finite:
+                self.bad_steps = 0
+                continue
+            self.bad_steps += 1
+            warnings.warn(f"step {step}: non-finite loss or gradient ({loss}); step skipped", stacklevel=2)
+            if self.bad_steps >= self.t.max_bad_steps:
+                raise UserError(f"{self.bad_steps} steps in a row had a non-finite loss: {TROUBLESHOOTING}")
+        return settled
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -398,11 +438,22 @@ class Trainer:
                 dropout = dropout_at(self.step, m, t)
                 if t.dropout_end is not None:
                     self.model.set_dropout(dropout)
-                loss, grad_norm = self._train_step(lr)
+                self._train_step(lr)
                 self.step += 1
-                result.losses.append(loss)
                 bar.update(1)
-                if self.step % t.log_interval == 0 or self.step == t.max_iters:
+                out_of_time = t.max_seconds is not None and time.perf_counter() - started >= t.max_seconds
+                last_step = self.step == t.max_iters or out_of_time
+                log_step = self.step % t.log_interval == 0 or self.step == t.max_iters
+                eval_step = self.step % t.eval_interval == 0 or last_step
+                # Read the losses at log and eval steps, and often enough to stop a diverging
+                # run within max_bad_steps of its limit.
+                if (log_step or eval_step or stop.requested or len(self._pending) >= t.max_bad_steps
+                        or not self._skips_on_device):
+                    settled = self._settle()
+                    result.losses.extend(loss for loss, _ in settled)
+                    if settled:
+                        loss, grad_norm = settled[-1]
+                if log_step:
                     now = time.perf_counter()
                     tokens_per_s = tokens_per_step * (self.step - last_log_step) / max(now - last_log_time, 1e-9)
                     mfu = flops_per_step * tokens_per_s / tokens_per_step / peak_flops
@@ -411,9 +462,7 @@ class Trainer:
                     self._record({"iter": self.step, "train_loss": loss, "lr": lr, "grad_norm": grad_norm,
                                   "tokens_per_s": tokens_per_s, "mfu": mfu, "dropout": dropout,
                                   "time_s": now - started})
-                out_of_time = t.max_seconds is not None and time.perf_counter() - started >= t.max_seconds
-                last_step = self.step == t.max_iters or out_of_time
-                if self.step % t.eval_interval == 0 or last_step:
+                if eval_step:
                     improved = self._evaluate(lr, bar)
                     if improved or t.always_save_checkpoint or last_step:
                         last_saved = self.save(is_best=improved) or last_saved
@@ -427,6 +476,7 @@ class Trainer:
                               "Continue with --resume.")
                     result.interrupted = True
                     break
+            result.losses.extend(loss for loss, _ in self._settle())  # a Ctrl-C between two reads
         bar.close()
         if not result.interrupted:
             val = self.exact_val_loss()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU tables of BENCHMARKS.md in one go, on a CUDA machine with PyTorch and transformers:
+#   bash benchmarks/gpu_tables.sh [OUT_DIR] [PART]
+# PART: table (bench, bf16, four presets, memory), compare (--compare hf, eager), decode (eager vs
+# compiled vs CUDA graphs), compiled (--compare hf --compile, bf16), or all (the default).
+set -u
+out=${1:-bench_out/gpu}
+part=${2:-all}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+py=${PYTHON:-python3}
+quiet() { grep --line-buffered -v "it/s]"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+$py -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+if [[ $part == all || $part == table ]]; then
+  timeout 300 $py -m mini_transformer bench --steps 20 --out "$out/table" 2>&1 | quiet
+fi
+if [[ $part == all || $part == compare ]]; then
+  timeout 150 $py -m mini_transformer bench --compare hf --steps 20 --out "$out/compare" 2>&1 | quiet
+fi
+if [[ $part == all || $part == decode ]]; then
+  timeout 200 $py benchmarks/decode_compile_modes.py --device cuda --dtype bf16 --presets tiny small 2>&1 | quiet
+fi
+if [[ $part == all || $part == compiled ]]; then
+  timeout 300 $py -m mini_transformer bench --compare hf --compile --dtype bf16 --steps 20 \
+    --out "$out/compiled" 2>&1 | quiet
+fi

@@ -29,17 +29,23 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def allow_tf32_on_cuda(device: torch.device) -> None:
+def allow_tf32_on_cuda(device: torch.device) -> tuple[bool, bool]:
     """On a CUDA device, let fp32 matmuls and convolutions use TF32 tensor cores.
 
     What nanoGPT and litgpt do: fp32 weights and activations keep their range, the products
     run several times faster on Ampere and later GPUs, and training curves do not change in
     practice. Left alone on CPU, and by ``bench``, whose fp32 rows time strict fp32 for both
-    models.
+    models. Returns the previous settings, for :func:`restore_tf32`.
     """
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return previous
+
+
+def restore_tf32(previous: tuple[bool, bool]) -> None:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
 def cpu_has_fast_bf16() -> bool:

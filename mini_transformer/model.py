@@ -15,7 +15,7 @@ Attention variants, by how many query heads share one key/value head::
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -277,20 +277,35 @@ class Transformer(nn.Module):
 
     # -- KV-cache -------------------------------------------------------------------------
     def setup_kv_cache(self, batch_size: int, max_len: Optional[int] = None,
-                       dtype: Optional[torch.dtype] = None) -> None:
-        """Preallocate a KV-cache of ``max_len`` (default block_size) slots in every layer."""
+                       dtype: Optional[torch.dtype] = None, reuse: Sequence[Optional[KVCache]] = ()) -> None:
+        """Preallocate a KV-cache of ``max_len`` (default block_size) slots in every layer.
+
+        ``reuse``: caches returned by :meth:`clear_kv_cache`; each one of the right shape, dtype
+        and device is zeroed and used again, keeping its memory address (what a recorded CUDA
+        graph reads).
+        """
         max_len = max_len or self.config.block_size
         if max_len > self.config.block_size:
             raise ValueError(f"KV-cache length {max_len} exceeds block_size {self.config.block_size}")
         param = self.tok_emb.weight
         dtype = dtype or param.dtype
-        for block in self.blocks:
-            block.attn.kv_cache = KVCache(batch_size, max_len, self.config.kv_heads,
-                                          self.config.head_dim, dtype, param.device)
+        shape = (batch_size, self.config.kv_heads, max_len, self.config.head_dim)
+        for i, block in enumerate(self.blocks):
+            old = reuse[i] if i < len(reuse) else None
+            if old is not None and old.k.shape == shape and old.k.dtype == dtype and old.k.device == param.device:
+                old.k.zero_()
+                old.v.zero_()
+                block.attn.kv_cache = old
+            else:
+                block.attn.kv_cache = KVCache(batch_size, max_len, self.config.kv_heads,
+                                              self.config.head_dim, dtype, param.device)
 
-    def clear_kv_cache(self) -> None:
+    def clear_kv_cache(self) -> list[Optional[KVCache]]:
+        """Detach every layer's KV-cache; returns them, for ``setup_kv_cache(reuse=...)``."""
+        caches = [block.attn.kv_cache for block in self.blocks]
         for block in self.blocks:
             block.attn.kv_cache = None
+        return caches
 
     @property
     def has_kv_cache(self) -> bool:

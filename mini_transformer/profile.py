@@ -248,16 +248,32 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int | N
     The fastest of the single products timed over the last two thirds of ``min_seconds``: a
     ceiling is what the device can do, and on a shared machine the median of a short burst can
     catch a busy moment (MFU above 100% in the progress bar). The product is 1024 square on CPU
-    and 8192 square on a GPU, which a 1024 product leaves mostly idle. Inputs are random, from a
+    and 8192 square on a GPU (4096 with under 3 GiB free), which a 1024 product leaves mostly
+    idle. Inputs are random, from a
     private generator: constant or zero inputs run faster than real data on some GPUs, and the
     global RNG stays untouched (resumed runs stay exact).
     """
-    import time
-
-    size = size or (8192 if device.type == "cuda" else 1024)
+    if size is None:
+        size = 1024
+        if device.type == "cuda":
+            # Three 8192 x 8192 matrices take 768 MiB in fp32: smaller where memory is short.
+            free, _ = torch.cuda.mem_get_info(device)
+            size = 8192 if free > 4 * 3 * 8192**2 * 4 else 4096
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn((size, size), device=device, dtype=dtype, generator=generator)
     b = torch.randn((size, size), device=device, dtype=dtype, generator=generator)
+    try:
+        return _fastest_matmul_rate(a, b, device, min_seconds)
+    finally:
+        del a, b
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # give the probe's blocks back before training allocates
+
+
+def _fastest_matmul_rate(a: torch.Tensor, b: torch.Tensor, device: torch.device, min_seconds: float) -> float:
+    import time
+
+    size = a.shape[0]
     # Warm up for a third of the time: the first products of a process run slower (thread pool
     # start-up, clocks ramping).
     start = time.perf_counter()

@@ -222,6 +222,38 @@ def test_compiled_decode_step_gives_the_eager_tokens():
     assert [ref() for ref in alive] == [None, None]
 
 
+def test_compiled_decoding_reuses_its_kv_cache_between_generations(monkeypatch):
+    """A CUDA graph reads the cache where it was recorded: compiled decoding keeps one cache per
+    model and batch shape across generations (zeroed, same memory), not attached to the model."""
+    from mini_transformer.generation import engine
+
+    model = tiny_model()
+    prompt = [3, 14, 15, 9, 26]
+    first = generate(model, prompt, max_new_tokens=10, temperature=0, compile=True)
+    assert not model.has_kv_cache
+    spare = engine._SPARE_CACHES[model][(1, model.config.block_size)]
+    pointers = [cache.k.data_ptr() for cache in spare]
+    seen = []
+    real_prefill = engine.prefill
+
+    def recording_prefill(model, *args, **kwargs):
+        seen.append([block.attn.kv_cache.k.data_ptr() for block in model.blocks])
+        return real_prefill(model, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "prefill", recording_prefill)
+    second = generate(model, [7, 1], max_new_tokens=10, temperature=0, compile=True)
+    monkeypatch.undo()
+    assert seen == [pointers]
+    assert second == generate(model, [7, 1], max_new_tokens=10, temperature=0)  # no stale keys
+    assert first == generate(model, prompt, max_new_tokens=10, temperature=0)
+    # Another batch size gets caches of its own, and batch 1 keeps its set.
+    rows = generate_batch(model, [[5], [7, 8]], max_new_tokens=4, temperature=0, compile=True)
+    assert rows == generate_batch(model, [[5], [7, 8]], max_new_tokens=4, temperature=0)
+    kept = engine._SPARE_CACHES[model]
+    assert kept[(2, model.config.block_size)][0].k.shape[0] == 2
+    assert [cache.k.data_ptr() for cache in kept[(1, model.config.block_size)]] == pointers
+
+
 def test_batch_with_math_attention_does_not_produce_nan():
     m = tiny_model(attention="math")
     prompts = [[5], [7, 8, 9, 10]]

@@ -58,19 +58,28 @@ def test_matmul_ceiling_is_measured_without_touching_the_global_rng():
     state = torch.get_rng_state()
     flops = measure_matmul_flops(torch.device("cpu"), torch.float32, size=256, min_seconds=0.05)
     assert torch.equal(torch.get_rng_state(), state)
+    # Random inputs, not constants or zeros (which some GPUs multiply faster than real data).
+    seen = []
+    real_mm = torch.mm
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "mm", lambda a, b: seen.append(a[:4, :4].clone()) or real_mm(a, b))
+        measure_matmul_flops(torch.device("cpu"), torch.float32, size=64, min_seconds=0.01)
+    assert seen and seen[0].unique().numel() == 16
     # At least a (very slow) 100 MFLOP/s, and below 1 PFLOP/s: a real rate, not a unit slip.
     assert 1e8 < flops < 1e15
 
 
-def test_tf32_is_allowed_on_cuda_only():
-    from mini_transformer.device import allow_tf32_on_cuda
+def test_tf32_is_allowed_on_cuda_only_and_restored():
+    from mini_transformer.device import allow_tf32_on_cuda, restore_tf32
 
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        allow_tf32_on_cuda(torch.device("cpu"))
+        assert allow_tf32_on_cuda(torch.device("cpu")) == (False, False)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-        allow_tf32_on_cuda(torch.device("cuda"))  # only flips backend flags: no GPU needed
+        previous = allow_tf32_on_cuda(torch.device("cuda"))  # only flips backend flags: no GPU needed
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        restore_tf32(previous)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

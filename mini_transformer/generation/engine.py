@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -96,7 +97,8 @@ def decode_one_token(model: Transformer, token: torch.Tensor, input_pos: torch.T
 
 # Inductor's mode per device type. On a GPU a decode step of a small model is a few hundred
 # short kernels, so launch overhead dominates: "reduce-overhead" replays them as one CUDA graph
-# (the KV-cache is a module buffer with a fixed address, written in place, as CUDA graphs need).
+# (the KV-cache is a module buffer written in place, and kept between generations, so that its
+# address stays the one the graph was recorded with).
 DECODE_COMPILE_MODES: dict[str, str] = {"cuda": "reduce-overhead"}
 
 
@@ -119,7 +121,9 @@ def compiled_decode_one_token(model: Transformer, token: torch.Tensor, input_pos
 
     One graph per model shape, dtype, batch size and padding layout (padded batches carry
     per-row positions and a key mask); the slot is a tensor, so tokens never recompile. A
-    compiler failure (no C++ compiler, say) is reported as a :class:`UserError`.
+    compiler failure (no C++ compiler, say) is reported as a :class:`UserError`. On CUDA the
+    returned logits live in the CUDA graph's memory, which the next call overwrites: use them
+    (sample) before the next step, or clone them.
     """
     mode = DECODE_COMPILE_MODES.get(token.device.type, "default")
     try:
@@ -182,6 +186,13 @@ def key_mask(pads: torch.Tensor, length: int) -> torch.Tensor:
 
 # -- steppers: how the next logits are computed ---------------------------------------------
 
+# The KV-caches of compiled decoding, kept between generations per model and (batch size, cache
+# length). A CUDA graph reads the cache at the addresses it was recorded with: a new cache per
+# generation would make every generation record the graph again, and the recorded graphs pile
+# up. Weak keys: a model that is gone takes its caches along.
+_SPARE_CACHES: weakref.WeakKeyDictionary[Transformer, dict[tuple[int, int], list]] = weakref.WeakKeyDictionary()
+
+
 class _CachedStepper:
     """Prefill once (and again after a slide), then one decode step per token."""
 
@@ -192,7 +203,13 @@ class _CachedStepper:
         self.pad_id = pad_id
         self.cache_len = model.config.block_size
         self.device = model.tok_emb.weight.device
-        model.setup_kv_cache(batch_size, self.cache_len)
+        # Compiled decoding keeps its caches between generations, one set per batch size.
+        self.keep_cache_as = (batch_size, self.cache_len) if compile else None
+        spare = _SPARE_CACHES.get(model, {}).pop(self.keep_cache_as, None) if compile else None
+        if spare:
+            model.setup_kv_cache(batch_size, self.cache_len, reuse=spare)
+        else:
+            model.setup_kv_cache(batch_size, self.cache_len)
         self.slot: Optional[int] = None  # next cache slot to write; None before the prefill
         self.pads: Optional[torch.Tensor] = None  # (B,) or None when no row is padded
         self.mask: Optional[torch.Tensor] = None  # (B, cache_len)
@@ -223,7 +240,9 @@ class _CachedStepper:
         return logits
 
     def close(self) -> None:
-        self.model.clear_kv_cache()
+        caches = self.model.clear_kv_cache()
+        if self.keep_cache_as is not None:
+            _SPARE_CACHES.setdefault(self.model, {})[self.keep_cache_as] = caches
 
 
 class _UncachedStepper:

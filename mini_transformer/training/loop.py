@@ -25,7 +25,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..config import Config
-from ..device import allow_tf32_on_cuda, autocast, dtype_name, resolve_device, resolve_dtype
+from ..device import allow_tf32_on_cuda, autocast, dtype_name, resolve_device, resolve_dtype, restore_tf32
 from ..errors import UserError
 from ..model import Transformer
 from ..profile import count_parameters, flops_per_token, measure_matmul_flops
@@ -122,7 +122,7 @@ class Trainer:
         self.dist: DistributedContext = init_distributed(self.t, self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        allow_tf32_on_cuda(self.device)
+        self._tf32_before = allow_tf32_on_cuda(self.device)  # restored by close()
         self.dtype = resolve_dtype(self.t.dtype, self.device)
         self.out_dir = Path(self.t.out_dir)
         self.step = 0
@@ -515,6 +515,7 @@ class Trainer:
             self.step_model = self.model = self.optimizer = None
             gc.collect()
         shutdown(self.dist)
+        restore_tf32(self._tf32_before)
 
 
 def _refuse_to_overwrite(out_dir: Path) -> None:

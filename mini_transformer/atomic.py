@@ -6,6 +6,7 @@ renamed over the target (``os.replace`` is atomic on POSIX and Windows).
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Callable
@@ -55,6 +56,24 @@ def fsync_dir(directory: str | os.PathLike) -> None:
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where the OS allows.
+
+    ``os.umask`` can only read the mask by setting it, and the mask is process-wide: for that
+    instant a file another thread creates would get mode 0666. Linux reports it in
+    /proc/self/status; elsewhere it is read that way once and kept.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return _umask_once()
+
+
+@functools.cache
+def _umask_once() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -152,6 +152,10 @@ class GenerationConfig:
     # Compile the decode step (torch.compile, static shapes): several seconds of compilation,
     # then faster tokens. Also the generate flag --compile.
     compile_decode: bool = False
+    # The weights' precision while generating: auto is bf16 on CUDA GPUs that support it (fp16
+    # on older ones), where decoding reads half the bytes; elsewhere the checkpoint's own (fp32).
+    # Also the generate flag --dtype.
+    decode_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 @dataclass

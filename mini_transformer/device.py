@@ -77,6 +77,18 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def inference_dtype(spec: str, device: torch.device) -> torch.dtype | None:
+    """The weights' dtype for generation; None keeps the checkpoint's.
+
+    ``auto``: bf16 (fp16 before Ampere) on CUDA, where decoding is bound by reading the weights
+    and half the bytes is nearly twice the speed for large models. On CPU the checkpoint's fp32
+    stays: PyTorch's one-row bf16 products run slower than fp32 ones there (BENCHMARKS.md).
+    """
+    if spec == "auto":
+        return resolve_dtype("auto", device) if device.type == "cuda" else None
+    return resolve_dtype(spec, device)
+
+
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Mixed precision for the forward pass; a no-op in fp32. Weights stay fp32."""
     if dtype is torch.float32:

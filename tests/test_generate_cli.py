@@ -254,3 +254,33 @@ def test_repl_changes_settings_survives_ctrl_c_and_exits_on_ctrl_d(ckpt):
         assert term.wait() == 0
     finally:
         term.close()
+
+
+def test_dtype_sets_the_precision_of_the_weights(run_cli, ckpt, monkeypatch):
+    """--dtype (or generation.decode_dtype) converts the loaded model; auto keeps fp32 on CPU and picks
+    bf16, or fp16 on GPUs without bf16, on CUDA; fp16 on CPU is refused in one line."""
+    from mini_transformer.commands import generate as command
+    from mini_transformer.device import inference_dtype
+
+    seen = []
+    real_init = command.Session.__init__
+
+    def recording_init(self, model, *args, **kwargs):
+        seen.append({p.dtype for p in model.parameters()})
+        real_init(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(command.Session, "__init__", recording_init)
+    for flags, expected in ((["--dtype", "bf16"], torch.bfloat16), ([], torch.float32),
+                            (["--generation.decode_dtype", "bf16"], torch.bfloat16), (["--dtype", "fp32"], torch.float32)):
+        status, out, err = gen(run_cli, ckpt, "--prompt", "the", "--max_tokens", "5", *flags)
+        assert status == 0, err
+        assert out.startswith("the") and len(out) == len("the") + 5 + 1
+        assert seen.pop() == {expected}, flags
+    status, out, err = gen(run_cli, ckpt, "--prompt", "the", "--dtype", "fp16")
+    assert status == 2 and "CUDA" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert inference_dtype("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert inference_dtype("auto", cuda) is torch.float16
+    assert inference_dtype("auto", torch.device("cpu")) is None

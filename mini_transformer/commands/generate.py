@@ -30,6 +30,7 @@ EXAMPLES = """\
   mini-transformer generate --prompt "def " --stop "\\n\\n" --repetition_penalty 1.1 --min_p 0.05
   mini-transformer generate --prompt "ROMEO:" --draft_checkpoint out_draft --compare_plain
   mini-transformer generate --prompt "ROMEO:" --max_tokens 40 --log_attention --attention_dir att
+  mini-transformer generate --prompt "ROMEO:" --device cuda --dtype bf16 --compile
 
 interactive commands: /temp 0.8  /top_k 50  /top_p 0.9  /max_tokens 100  /reset  /help  /quit
   (Ctrl-C stops the current generation, Ctrl-D or /quit leaves)
@@ -78,6 +79,9 @@ def register(subparsers) -> None:
                        help="a checkpoint directory or a run's out_dir (default: training.out_dir, 'out')")
     model.add_argument("--config", metavar="FILE", help="a YAML config whose generation/advanced sections apply")
     model.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    model.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="the weights' precision while generating (default: generation.decode_dtype, auto: "
+                            "bf16 on CUDA, the checkpoint's fp32 elsewhere)")
     model.add_argument("--compile", action="store_true",
                        help="compile the decode step with torch.compile (a few seconds up front, faster "
                             "tokens after; for long or repeated generations)")
@@ -207,7 +211,7 @@ def default_checkpoint(args: argparse.Namespace, file_raw: dict[str, Any], overr
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..checkpoint import load_for_inference
-    from ..device import allow_tf32_on_cuda, resolve_device
+    from ..device import allow_tf32_on_cuda, inference_dtype, resolve_device
 
     check_flags(args)
     file_raw, override_raw = read_config_sections(args.config, overrides)
@@ -216,6 +220,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     model, config, tokenizer = load_for_inference(default_checkpoint(args, file_raw, override_raw), device,
                                                   adapter=args.adapter)
     config = merged_config(config, file_raw, override_raw, args.config or "config")
+    dtype = inference_dtype(args.dtype or config.generation.decode_dtype, device)
+    if dtype is not None:
+        model.to(dtype)
     model = quantize_on_load(model, args.quantize or config.advanced.quantize, config)
     settings = settings_from(config.generation, args)
     session = Session(model, tokenizer, settings, device)
@@ -226,6 +233,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
                         "pass --draft_checkpoint DIR or set advanced.draft_checkpoint")
     if draft_dir:
         draft_model, _, draft_tokenizer = load_for_inference(draft_dir, device)
+        if dtype is not None:
+            draft_model.to(dtype)
         session.set_draft(draft_model, draft_tokenizer, gamma=args.gamma or config.advanced.speculative_gamma)
         if settings.compile:
             note("--compile applies to plain decoding; speculative decoding runs uncompiled "

@@ -9,8 +9,8 @@ A training run's ``out_dir`` looks like this::
         tokenizer.json ...    the tokenizer, so generation needs no training data
         train_state.pt        optimizer, scheduler, RNG states, sampler, grad scaler
         checkpoint.json       step, best val loss, format version, config fingerprint
-      latest.json             {"checkpoint": "ckpt-00000500"}: the newest complete checkpoint
-      best.json               the checkpoint with the best val loss
+      latest.json             {"checkpoint": "ckpt-00000500", "step": 500}: the newest complete one
+      best.json               the checkpoint with the best val loss, and that loss
       metrics.jsonl
 
 A checkpoint is written to a temporary directory, every file fsynced, then renamed into place,
@@ -168,7 +168,11 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 
 
 def _write_pointer(path: Path, name: str, step: int, val_loss: Optional[float] = None) -> None:
-    atomic_write_text(path, json.dumps({"checkpoint": name, "step": step, "val_loss": val_loss}))
+    """``latest.json`` names the checkpoint and step; ``best.json`` adds its val loss."""
+    pointer: dict[str, Any] = {"checkpoint": name, "step": step}
+    if val_loss is not None:
+        pointer["val_loss"] = val_loss
+    atomic_write_text(path, json.dumps(pointer))
 
 
 def _read_pointer(path: Path) -> Optional[str]:

@@ -33,7 +33,9 @@ untie it to merge.
 
 Adapters are saved apart from the base: ``adapter.safetensors`` (the A and B matrices) and
 ``adapter.json`` (rank, alpha, dropout, targets, and a fingerprint of the base: the hash of its
-architecture and of its layer shapes), so an adapter is refused on a base it was not trained on.
+architecture, of its layer shapes and of its weights), so an adapter is refused on a base it was
+not trained on. The weights are left out of the check where either side is quantized (QLoRA
+trains on a quantized base, and its adapter belongs to the full-precision checkpoint too).
 
 This module imports ``config`` and ``model`` only (see docs/ARCHITECTURE.md); it knows quantized
 layers by duck typing (``in_features``/``out_features``), not by importing ``quantize``.
@@ -303,6 +305,24 @@ def base_fingerprint(model: nn.Module) -> dict[str, str]:
             "shapes_hash": hashlib.sha256(shapes.encode()).hexdigest()[:16]}
 
 
+def base_weights_hash(model: nn.Module) -> Optional[str]:
+    """sha256 of the base's weights (names, dtypes, shapes and bytes), adapters excluded; None
+    for a quantized base, whose integer weights are not those of the checkpoint it came from."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith((".lora_A", ".lora_B")):
+            continue
+        if not tensor.is_floating_point():
+            return None
+        state[name.replace(".base.", ".")] = tensor  # a LoRA-wrapped layer's base: the plain name
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
+        digest.update(data.view(torch.uint8).numpy())  # raw bytes: numpy has no bf16
+    return digest.hexdigest()[:16]
+
+
 def _architecture(config: Any) -> dict[str, Any]:
     """The config fields that decide the weights (dropout and the attention kernel do not)."""
     return {k: v for k, v in vars(config).items() if k not in ("dropout", "attention")}
@@ -328,6 +348,7 @@ def save_adapter(directory: str | os.PathLike, model: nn.Module, settings: Optio
         "base": fingerprint or base_fingerprint(model),
         "base_architecture": _architecture(model.config),
         "base_shapes": base_shapes(model),
+        "base_weights_hash": base_weights_hash(model),
     }
     atomic_write_bytes(directory / ADAPTER_WEIGHTS_FILE,
                        save_safetensors_bytes(tensors, metadata={"format": "mini-transformer-lora"}))
@@ -375,6 +396,12 @@ def check_adapter_base(meta: dict[str, Any], model: nn.Module) -> None:
     """Raise a one-line :class:`UserError` naming the first difference if the bases differ."""
     saved, current = meta.get("base", {}), base_fingerprint(model)
     if saved == current:
+        saved_weights = meta.get("base_weights_hash")  # absent in adapters of older versions
+        current_weights = base_weights_hash(model) if saved_weights else None
+        if current_weights is not None and current_weights != saved_weights:
+            raise UserError(f"adapter was trained on other weights of this architecture (base weights "
+                            f"{saved_weights} vs {current_weights}); load it onto the checkpoint it was "
+                            "fine-tuned from")
         return
     detail = _first_difference(meta.get("base_architecture", {}), _architecture(model.config))
     if detail is None:

@@ -148,8 +148,9 @@ class CharTokenizer(Tokenizer):
     def _raise_missing(self, missing: list[str]) -> None:
         shown = ", ".join(repr(c) for c in missing[:20]) + (", ..." if len(missing) > 20 else "")
         raise UserError(
-            f"characters not in the vocabulary: {shown}; use --tokenizer byte (or bpe) for text with "
-            f"new characters, or remove them from the text")
+            f"characters not in the vocabulary: {shown}; this character tokenizer knows only the "
+            f"characters of its training text: remove them, or train with a byte or BPE tokenizer "
+            f"(--data.tokenizer byte or bpe), which takes any text")
 
     def decode(self, ids: Iterable[int]) -> str:
         try:

@@ -168,6 +168,23 @@ def test_adapter_on_a_different_base_is_refused(base, tmp_path, change):
     assert not lora_layers(other)  # refused before touching the model
 
 
+def test_adapter_on_other_weights_of_the_same_shape_is_refused(base, idx, tmp_path):
+    """Same architecture, other weights: refused; the same weights in a fresh model: accepted;
+    a quantized base (QLoRA) is checked by shape only."""
+    model = apply_lora(copy.deepcopy(base), rank=4, alpha=8)
+    train_adapters(model, idx, steps=1)
+    save_adapter(tmp_path, model)
+    torch.manual_seed(1)
+    other = Transformer(tiny_config()).eval()
+    with pytest.raises(UserError, match="other weights of this architecture") as info:
+        load_adapter(tmp_path, other)
+    assert "\n" not in str(info.value) and not lora_layers(other)
+    same = Transformer(tiny_config()).eval()
+    same.load_state_dict(base.state_dict())
+    assert torch.equal(load_adapter(tmp_path, same).eval()(idx).logits, model.eval()(idx).logits)
+    load_adapter(tmp_path, quantize_model(copy.deepcopy(other), "int8"))  # QLoRA: shapes only
+
+
 def test_user_errors(base, tmp_path):
     with pytest.raises(UserError, match="unknown LoRA target"):
         apply_lora(copy.deepcopy(base), targets=("mlp",))

@@ -47,7 +47,7 @@ def test_char_round_trip_on_its_vocabulary():
 
 def test_char_unknown_characters_are_listed():
     tok = CharTokenizer.from_text("abc")
-    with pytest.raises(UserError, match=r"characters not in the vocabulary: 'é', '€'; use --tokenizer byte"):
+    with pytest.raises(UserError, match=r"characters not in the vocabulary: 'é', '€'; .*--data.tokenizer byte"):
         tok.encode("a€bé")
 
 

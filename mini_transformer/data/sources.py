@@ -63,8 +63,9 @@ def expand_input(spec: str) -> list[Source]:
                             "glob for other extensions, e.g. --input 'dir/**/*.md'")
         return [Source(p, str(p)) for p in paths]
     if not path.exists():
-        raise UserError(f"input file {spec!r} not found; check the path (or pass a directory or a "
-                        "glob like 'data/*.txt', or --dataset shakespeare|pystdlib)")
+        raise UserError(f"input file {spec!r} not found; check the path, pass a directory or a glob like "
+                        "'data/*.txt', or use a built-in dataset (train: --data.dataset shakespeare|pystdlib; "
+                        "prepare: --dataset)")
     if not path.is_file():
         raise UserError(f"input {spec!r} is not a regular file; pass a text file, a directory or a glob")
     return [Source(path, spec)]
@@ -95,7 +96,8 @@ def open_inputs(specs: Iterable[str]) -> Iterator[list[Source]]:
             else:
                 sources.extend(expand_input(spec))
         if not sources:
-            raise UserError("no input given; pass --input FILE (or several, a directory, a glob, or -)")
+            raise UserError("no input given; pass --input FILE (or several, a directory, a glob, or -), "
+                            "or --dataset shakespeare|pystdlib")
         check_not_empty(sources)
         yield sources
     finally:
@@ -164,9 +166,9 @@ def _strict_decode(data: bytes, name: str, offset: int) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(
-            f"input file {name!r} is not valid UTF-8 at byte offset {offset + exc.start}; use "
-            "--tokenizer byte (data.tokenizer: byte), which takes any bytes, or convert the file "
-            "to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            f"input file {name!r} is not valid UTF-8 at byte offset {offset + exc.start}; use the byte "
+            "tokenizer, which takes any bytes (train: --data.tokenizer byte; prepare: --tokenizer byte), "
+            "or convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def iter_corpus_text(sources: list[Source], chunk_size: int, on_bytes: ProgressFn = None,
@@ -281,7 +283,7 @@ def dataset_sources(name: str, cache_dir: str | os.PathLike) -> list[Source]:
     close = difflib.get_close_matches(name, DATASETS, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise UserError(f"unknown dataset {name!r}; {hint}choose one of: {', '.join(DATASETS)}, "
-                    "or pass your own text with --input FILE")
+                    "or pass your own text (train: --data.path FILE; prepare: --input FILE)")
 
 
 def shakespeare_source(directory: Path) -> Source:
@@ -292,7 +294,8 @@ def shakespeare_source(directory: Path) -> Source:
         digest = hashlib.sha256(data).hexdigest()
         if digest != SHAKESPEARE_SHA256:
             raise UserError(f"the downloaded Tiny Shakespeare has sha256 {digest[:12]}..., expected "
-                            f"{SHAKESPEARE_SHA256[:12]}...; retry, or pass a trusted copy with --input path/to/input.txt")
+                            f"{SHAKESPEARE_SHA256[:12]}...; retry, or pass a trusted copy (train: --data.path FILE; "
+                            "prepare: --input FILE)")
         atomic_write_bytes(path, data)
     return Source(path, "shakespeare:input.txt")
 
@@ -304,7 +307,8 @@ def _download(url: str, what: str) -> bytes:
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise UserError(f"could not download {what} from {url} ({reason}); if you are offline, "
-                        "pass a local copy instead: --input path/to/input.txt (data.path in a config)") from None
+                        "pass a local copy instead (train: --data.path path/to/input.txt; prepare: --input "
+                        "path/to/input.txt)") from None
 
 
 def pystdlib_sources(max_bytes: int = PYSTDLIB_MAX_BYTES) -> list[Source]:
@@ -330,5 +334,6 @@ def pystdlib_sources(max_bytes: int = PYSTDLIB_MAX_BYTES) -> list[Source]:
         sources.append(Source(path, f"pystdlib:{rel.as_posix()}"))
         total += size
     if not sources:
-        raise UserError(f"no standard-library sources found under {root}; use --input FILE instead")
+        raise UserError(f"no standard-library sources found under {root}; pass your own text instead "
+                        "(train: --data.path FILE; prepare: --input FILE)")
     return sources

@@ -284,11 +284,12 @@ def load_tokenizer_from(directory: Path):
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu", *,
                        adapter: Optional[str | os.PathLike] = None, quantize: Optional[str] = None,
-                       group_size: Optional[int] = None):
+                       group_size: Optional[int] = None, dtype: Optional[torch.dtype] = None):
     """``(model, config, tokenizer)`` from a checkpoint directory or a run's ``out_dir``.
 
-    ``adapter`` adds a LoRA adapter directory (checked against this base); ``quantize``
-    (``int8``/``int4``) quantizes the weights on load. The model is in eval mode on ``device``.
+    ``adapter`` adds a LoRA adapter directory (checked against this base); ``dtype`` casts the
+    weights, on the CPU before they move, so a model that fits ``device`` only in half precision
+    loads; ``quantize`` (``int8``/``int4``) quantizes them. The model is in eval mode on ``device``.
     """
     directory = resolve_checkpoint(path, prefer="best")
     config = read_config(directory)
@@ -297,6 +298,8 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
         from .lora import load_adapter
 
         load_adapter(adapter, model)
+    if dtype is not None:
+        model = model.to(dtype)
     if quantize is not None:
         from .quantize import is_quantized, quantize_model
 

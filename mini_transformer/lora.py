@@ -306,19 +306,26 @@ def base_fingerprint(model: nn.Module) -> dict[str, str]:
 
 
 def base_weights_hash(model: nn.Module) -> Optional[str]:
-    """sha256 of the base's weights (names, dtypes, shapes and bytes), adapters excluded; None
-    for a quantized base, whose integer weights are not those of the checkpoint it came from."""
-    state = {}
+    """sha256 of the base's weights (names, shapes, values rounded to bf16), adapters excluded.
+
+    Rounded to bf16 so that the fp32 checkpoint and its bf16 copy hash alike. None for a
+    quantized base, whose integer weights are not those of the checkpoint it came from. A weight
+    shared by two names (tied embeddings) is hashed once.
+    """
+    state, seen = {}, set()
     for name, tensor in model.state_dict().items():
         if name.endswith((".lora_A", ".lora_B")):
             continue
         if not tensor.is_floating_point():
             return None
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
         state[name.replace(".base.", ".")] = tensor  # a LoRA-wrapped layer's base: the plain name
     digest = hashlib.sha256()
     for name, tensor in sorted(state.items()):
-        data = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
+        data = tensor.detach().to("cpu", torch.bfloat16).contiguous()
+        digest.update(f"{name}:{tuple(data.shape)};".encode())
         digest.update(data.view(torch.uint8).numpy())  # raw bytes: numpy has no bf16
     return digest.hexdigest()[:16]
 
@@ -331,10 +338,11 @@ def _architecture(config: Any) -> dict[str, Any]:
 # -- saving and loading adapters -----------------------------------------------------------------
 
 def save_adapter(directory: str | os.PathLike, model: nn.Module, settings: Optional[LoRASettings] = None,
-                 fingerprint: Optional[dict[str, str]] = None) -> Path:
+                 fingerprint: Optional[dict[str, str]] = None, weights_hash: Optional[str] = None) -> Path:
     """Write ``adapter.safetensors`` and ``adapter.json`` into ``directory`` (each atomically).
 
-    ``settings`` and ``fingerprint`` default to those of ``model``. The weights file is written
+    ``settings``, ``fingerprint`` and ``weights_hash`` default to those of ``model`` (a trainer
+    saving often passes the frozen base's hash, computed once). The weights file is written
     first, so ``adapter.json`` (what :func:`load_adapter` reads first) only names complete weights.
     """
     directory = Path(directory)
@@ -348,7 +356,7 @@ def save_adapter(directory: str | os.PathLike, model: nn.Module, settings: Optio
         "base": fingerprint or base_fingerprint(model),
         "base_architecture": _architecture(model.config),
         "base_shapes": base_shapes(model),
-        "base_weights_hash": base_weights_hash(model),
+        "base_weights_hash": weights_hash or base_weights_hash(model),
     }
     atomic_write_bytes(directory / ADAPTER_WEIGHTS_FILE,
                        save_safetensors_bytes(tensors, metadata={"format": "mini-transformer-lora"}))

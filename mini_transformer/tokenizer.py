@@ -149,8 +149,8 @@ class CharTokenizer(Tokenizer):
         shown = ", ".join(repr(c) for c in missing[:20]) + (", ..." if len(missing) > 20 else "")
         raise UserError(
             f"characters not in the vocabulary: {shown}; this character tokenizer knows only the "
-            f"characters of its training text: remove them, or train with a byte or BPE tokenizer "
-            f"(--data.tokenizer byte or bpe), which takes any text")
+            f"characters of its training text: remove them, or train a model with a byte or BPE "
+            f"tokenizer (--data.tokenizer byte or bpe), which takes any text")
 
     def decode(self, ids: Iterable[int]) -> str:
         try:

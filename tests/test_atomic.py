@@ -33,6 +33,7 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
 def test_files_get_the_umask_mode_and_the_umask_is_never_changed(tmp_path, monkeypatch):
+    atomic._umask_once.cache_clear()  # the fallback (no /proc) reads the umask once per process
     previous = os.umask(0o027)
     try:
         if sys.platform.startswith("linux"):
@@ -43,3 +44,4 @@ def test_files_get_the_umask_mode_and_the_umask_is_never_changed(tmp_path, monke
         assert stat.S_IMODE((tmp_path / "file.bin").stat().st_mode) == 0o640
     finally:
         os.umask(previous)
+        atomic._umask_once.cache_clear()

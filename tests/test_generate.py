@@ -223,12 +223,16 @@ def test_compiled_decode_step_gives_the_eager_tokens():
 
 
 def test_compiled_decoding_reuses_its_kv_cache_between_generations(monkeypatch):
-    """A CUDA graph reads the cache where it was recorded: compiled decoding keeps one cache per
-    model and batch shape across generations (zeroed, same memory), not attached to the model."""
-    from mini_transformer.generation import engine
+    """A CUDA graph reads the cache where it was recorded: decoding through one keeps a cache per
+    model and batch shape across generations (zeroed, same memory), not attached to the model.
+    Here the CPU's compile mode stands in for CUDA's reduce-overhead."""
+    from mini_transformer.generation import engine, release_decode_caches
 
     model = tiny_model()
     prompt = [3, 14, 15, 9, 26]
+    generate(model, prompt, max_new_tokens=3, temperature=0, compile=True)
+    assert model not in engine._SPARE_CACHES  # plain compiled decoding on CPU keeps nothing
+    monkeypatch.setattr(engine, "CACHE_KEEPING_MODES", frozenset({"default"}))
     first = generate(model, prompt, max_new_tokens=10, temperature=0, compile=True)
     assert not model.has_kv_cache
     spare = engine._SPARE_CACHES[model][(1, model.config.block_size)]
@@ -242,7 +246,7 @@ def test_compiled_decoding_reuses_its_kv_cache_between_generations(monkeypatch):
 
     monkeypatch.setattr(engine, "prefill", recording_prefill)
     second = generate(model, [7, 1], max_new_tokens=10, temperature=0, compile=True)
-    monkeypatch.undo()
+    monkeypatch.setattr(engine, "prefill", real_prefill)
     assert seen == [pointers]
     assert second == generate(model, [7, 1], max_new_tokens=10, temperature=0)  # no stale keys
     assert first == generate(model, prompt, max_new_tokens=10, temperature=0)
@@ -252,6 +256,8 @@ def test_compiled_decoding_reuses_its_kv_cache_between_generations(monkeypatch):
     kept = engine._SPARE_CACHES[model]
     assert kept[(2, model.config.block_size)][0].k.shape[0] == 2
     assert [cache.k.data_ptr() for cache in kept[(1, model.config.block_size)]] == pointers
+    release_decode_caches(model)
+    assert model not in engine._SPARE_CACHES
 
 
 def test_batch_with_math_attention_does_not_produce_nan():

@@ -182,7 +182,13 @@ def test_adapter_on_other_weights_of_the_same_shape_is_refused(base, idx, tmp_pa
     same = Transformer(tiny_config()).eval()
     same.load_state_dict(base.state_dict())
     assert torch.equal(load_adapter(tmp_path, same).eval()(idx).logits, model.eval()(idx).logits)
+    load_adapter(tmp_path, copy.deepcopy(base).to(torch.bfloat16))  # the same weights in bf16
     load_adapter(tmp_path, quantize_model(copy.deepcopy(other), "int8"))  # QLoRA: shapes only
+    # An adapter written before weights were hashed is checked by architecture and shapes.
+    meta = json.loads((tmp_path / ADAPTER_CONFIG_FILE).read_text())
+    del meta["base_weights_hash"]
+    (tmp_path / ADAPTER_CONFIG_FILE).write_text(json.dumps(meta))
+    load_adapter(tmp_path, copy.deepcopy(other))
 
 
 def test_user_errors(base, tmp_path):

@@ -210,19 +210,20 @@ def default_checkpoint(args: argparse.Namespace, file_raw: dict[str, Any], overr
 # -- running --------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from ..checkpoint import load_for_inference
+    from ..checkpoint import load_for_inference, read_config, resolve_checkpoint
     from ..device import allow_tf32_on_cuda, inference_dtype, resolve_device
 
     check_flags(args)
     file_raw, override_raw = read_config_sections(args.config, overrides)
     device = resolve_device(args.device)
     allow_tf32_on_cuda(device)
-    model, config, tokenizer = load_for_inference(default_checkpoint(args, file_raw, override_raw), device,
-                                                  adapter=args.adapter)
-    config = merged_config(config, file_raw, override_raw, args.config or "config")
+    checkpoint = default_checkpoint(args, file_raw, override_raw)
+    # The settings first (the checkpoint's config, the file, the overrides): a bad --dtype is
+    # refused before the weights load, and the weights are cast before they move to the device.
+    config = merged_config(read_config(resolve_checkpoint(checkpoint, prefer="best")), file_raw, override_raw,
+                           args.config or "config")
     dtype = inference_dtype(args.dtype or config.generation.decode_dtype, device)
-    if dtype is not None:
-        model.to(dtype)
+    model, _, tokenizer = load_for_inference(checkpoint, device, adapter=args.adapter, dtype=dtype)
     model = quantize_on_load(model, args.quantize or config.advanced.quantize, config)
     settings = settings_from(config.generation, args)
     session = Session(model, tokenizer, settings, device)
@@ -232,9 +233,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         raise UserError("advanced.speculative_sampling is on but no draft model is set; "
                         "pass --draft_checkpoint DIR or set advanced.draft_checkpoint")
     if draft_dir:
-        draft_model, _, draft_tokenizer = load_for_inference(draft_dir, device)
-        if dtype is not None:
-            draft_model.to(dtype)
+        draft_model, _, draft_tokenizer = load_for_inference(draft_dir, device, dtype=dtype)
         session.set_draft(draft_model, draft_tokenizer, gamma=args.gamma or config.advanced.speculative_gamma)
         if settings.compile:
             note("--compile applies to plain decoding; speculative decoding runs uncompiled "

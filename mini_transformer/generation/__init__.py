@@ -9,7 +9,7 @@ iterators), :mod:`.streaming` (incremental detokenizer, stop strings), :mod:`.sp
 from .attention import attention_weights, plot_attention, save_attention
 from .engine import (
     PromptTruncatedWarning, decode_one_token, generate, generate_batch, generate_batch_stream,
-    generate_stream, prefill,
+    generate_stream, prefill, release_decode_caches,
 )
 from .sampling import (
     SamplingParams, apply_repetition_penalty, make_generator, min_p_filter, next_token_probs,
@@ -24,7 +24,7 @@ __all__ = [
     "PromptTruncatedWarning", "SamplingParams", "SpeculativeStats", "StopStrings", "TextStreamer",
     "apply_repetition_penalty", "attention_weights", "decode_one_token", "generate", "generate_batch",
     "generate_batch_stream", "generate_stream", "make_generator", "min_p_filter", "next_token_probs",
-    "plot_attention", "prefill", "process_logits", "sample_next_token", "save_attention",
+    "plot_attention", "prefill", "process_logits", "release_decode_caches", "sample_next_token", "save_attention",
     "speculative_accept", "speculative_generate", "speculative_generate_stream", "stream_text",
     "top_k_filter", "top_p_filter", "truncate_at_stop",
 ]

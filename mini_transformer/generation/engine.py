@@ -100,6 +100,8 @@ def decode_one_token(model: Transformer, token: torch.Tensor, input_pos: torch.T
 # (the KV-cache is a module buffer written in place, and kept between generations, so that its
 # address stays the one the graph was recorded with).
 DECODE_COMPILE_MODES: dict[str, str] = {"cuda": "reduce-overhead"}
+# The modes whose compiled step reads the KV-cache at recorded addresses (see _SPARE_CACHES).
+CACHE_KEEPING_MODES: frozenset[str] = frozenset({"reduce-overhead"})
 
 
 @functools.cache
@@ -186,11 +188,17 @@ def key_mask(pads: torch.Tensor, length: int) -> torch.Tensor:
 
 # -- steppers: how the next logits are computed ---------------------------------------------
 
-# The KV-caches of compiled decoding, kept between generations per model and (batch size, cache
-# length). A CUDA graph reads the cache at the addresses it was recorded with: a new cache per
-# generation would make every generation record the graph again, and the recorded graphs pile
-# up. Weak keys: a model that is gone takes its caches along.
+# The KV-caches of decoding replayed as a CUDA graph, kept between generations per model and
+# (batch size, cache length). A graph reads the cache at the addresses it was recorded with: a
+# new cache per generation would make every generation record the graph again, and the recorded
+# graphs pile up. Weak keys: a model that is gone takes its caches along; release_decode_caches
+# frees them sooner.
 _SPARE_CACHES: weakref.WeakKeyDictionary[Transformer, dict[tuple[int, int], list]] = weakref.WeakKeyDictionary()
+
+
+def release_decode_caches(model: Transformer) -> None:
+    """Free the KV-caches that compiled decoding keeps for ``model`` between generations."""
+    _SPARE_CACHES.pop(model, None)
 
 
 class _CachedStepper:
@@ -203,9 +211,11 @@ class _CachedStepper:
         self.pad_id = pad_id
         self.cache_len = model.config.block_size
         self.device = model.tok_emb.weight.device
-        # Compiled decoding keeps its caches between generations, one set per batch size.
-        self.keep_cache_as = (batch_size, self.cache_len) if compile else None
-        spare = _SPARE_CACHES.get(model, {}).pop(self.keep_cache_as, None) if compile else None
+        # Decoding through a CUDA graph keeps its caches between generations, one set per batch
+        # size; a set of another dtype or device (the model was moved) is dropped.
+        keeps = compile and DECODE_COMPILE_MODES.get(self.device.type, "default") in CACHE_KEEPING_MODES
+        self.keep_cache_as = (batch_size, self.cache_len) if keeps else None
+        spare = _SPARE_CACHES.get(model, {}).pop(self.keep_cache_as, None) if keeps else None
         if spare:
             model.setup_kv_cache(batch_size, self.cache_len, reuse=spare)
         else:

@@ -130,6 +130,7 @@ class Trainer:
         self.bad_steps = 0  # non-finite steps in a row
         # Steps whose loss, gradient norm and finiteness the host has not read yet: (step, tensors).
         self._pending: list[tuple[int, torch.Tensor]] = []
+        self._base_weights_hash: Optional[str] = None  # of a LoRA run's frozen base
         self._resume_optimizer_state: Optional[dict[str, Any]] = None  # loaded once the model is wrapped
 
     # -- set-up -------------------------------------------------------------------------------
@@ -206,8 +207,9 @@ class Trainer:
         a = self.config.advanced
         if not a.use_lora:
             return
-        from ..lora import apply_lora, lora_parameter_counts
+        from ..lora import apply_lora, base_weights_hash, lora_parameter_counts
 
+        self._base_weights_hash = base_weights_hash(self.model)  # the base stays frozen: hashed once
         apply_lora(self.model, rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
                    targets=tuple(a.lora_targets))
         trainable, total, fraction = lora_parameter_counts(self.model)
@@ -412,7 +414,7 @@ class Trainer:
             from ..lora import save_adapter
 
             # The adapter on its own (a few hundred KB): what `merge` and `generate --adapter` take.
-            save_adapter(self.out_dir / "adapter", self.model)
+            save_adapter(self.out_dir / "adapter", self.model, weights_hash=self._base_weights_hash)
         return directory
 
     # -- the loop ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .config import Config, ModelConfig, load_config
-from .device import autocast, dtype_name, resolve_device, resolve_dtype
+from .device import autocast, cpu_flags, cpuinfo_field, dtype_name, resolve_device, resolve_dtype
 from .model import Transformer
 from .profile import (
     count_parameters, flops_per_token, human_bytes, measure_matmul_flops, measure_training_step_peak, synchronize,
@@ -49,26 +49,13 @@ def machine_description(device: torch.device) -> str:
             f"{torch.get_num_threads()} threads, PyTorch {torch.__version__}")
 
 
-def _cpuinfo_field(name: str) -> str:
-    """The first ``name: value`` line of /proc/cpuinfo (Linux); empty elsewhere."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == name:
-                    return value.strip()
-    except OSError:
-        pass
-    return ""
-
-
 def _cpu_model_name() -> str:
-    return _cpuinfo_field("model name") or f"{platform.processor() or platform.machine()} CPU"
+    return cpuinfo_field("model name") or f"{platform.processor() or platform.machine()} CPU"
 
 
 def _cpu_matrix_extensions() -> str:
     """Whether bf16 matmuls have AMX tiles or AVX-512 BF16: a 5x vs 2x speedup over fp32."""
-    flags = set(_cpuinfo_field("flags").split())
+    flags = cpu_flags()
     found = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
     return f", {', '.join(found)}" if found else ""
 

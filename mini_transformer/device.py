@@ -51,16 +51,25 @@ def restore_tf32(previous: tuple[bool, bool]) -> None:
 def cpu_has_fast_bf16() -> bool:
     """True where the CPU multiplies bf16 matrices in hardware (AMX or AVX-512 BF16)."""
     capability = torch.backends.cpu.get_cpu_capability()
-    return "AMX" in capability or "AVX512_BF16" in capability or _cpuinfo_has(("amx_bf16", "avx512_bf16"))
+    return "AMX" in capability or "AVX512_BF16" in capability or bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
-def _cpuinfo_has(flags: tuple[str, ...]) -> bool:
+def cpuinfo_field(name: str) -> str:
+    """The first ``name: value`` line of /proc/cpuinfo (Linux); empty elsewhere."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            text = f.read()
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
-        return False
-    return any(flag in text for flag in flags)
+        pass
+    return ""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (``avx512_bf16``, ``amx_bf16``, ...); empty elsewhere."""
+    return set(cpuinfo_field("flags").split())
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:

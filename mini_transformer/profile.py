@@ -249,9 +249,8 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int | N
     ceiling is what the device can do, and on a shared machine the median of a short burst can
     catch a busy moment (MFU above 100% in the progress bar). The product is 1024 square on CPU
     and 8192 square on a GPU (4096 with under 3 GiB free), which a 1024 product leaves mostly
-    idle. Inputs are random, from a
-    private generator: constant or zero inputs run faster than real data on some GPUs, and the
-    global RNG stays untouched (resumed runs stay exact).
+    idle. Inputs are random, from a private generator: constant or zero inputs run faster than
+    real data on some GPUs, and the global RNG stays untouched (resumed runs stay exact).
     """
     if size is None:
         size = 1024

@@ -458,7 +458,7 @@ class BigramModel(nn.Module):
         self.tok_emb = nn.Embedding.from_pretrained(table)
         self.cache_len = 0
 
-    def setup_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> None:
+    def setup_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None, reuse=()) -> None:
         self.cache_len = max_len or self.config.block_size
 
     def clear_kv_cache(self) -> None:

@@ -215,11 +215,8 @@ class _CachedStepper:
         # size; a set of another dtype or device (the model was moved) is dropped.
         keeps = compile and DECODE_COMPILE_MODES.get(self.device.type, "default") in CACHE_KEEPING_MODES
         self.keep_cache_as = (batch_size, self.cache_len) if keeps else None
-        spare = _SPARE_CACHES.get(model, {}).pop(self.keep_cache_as, None) if keeps else None
-        if spare:
-            model.setup_kv_cache(batch_size, self.cache_len, reuse=spare)
-        else:
-            model.setup_kv_cache(batch_size, self.cache_len)
+        spare = _SPARE_CACHES.get(model, {}).pop(self.keep_cache_as, ()) if keeps else ()
+        model.setup_kv_cache(batch_size, self.cache_len, reuse=spare)
         self.slot: Optional[int] = None  # next cache slot to write; None before the prefill
         self.pads: Optional[torch.Tensor] = None  # (B,) or None when no row is padded
         self.mask: Optional[torch.Tensor] = None  # (B, cache_len)

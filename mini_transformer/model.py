@@ -275,6 +275,17 @@ class Transformer(nn.Module):
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.ffn.down.weight, mean=0.0, std=residual_std)
 
+    # -- where and how it runs -------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """The device of the weights (read off the final norm: cheap even when quantized)."""
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point dtype the model computes in (its norms', even when quantized)."""
+        return self.norm.weight.dtype
+
     # -- KV-cache -------------------------------------------------------------------------
     def setup_kv_cache(self, batch_size: int, max_len: Optional[int] = None,
                        dtype: Optional[torch.dtype] = None, reuse: Sequence[Optional[KVCache]] = ()) -> None:

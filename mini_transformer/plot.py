@@ -1,11 +1,21 @@
-"""Training curves as PNG: loss (train and val), learning rate and gradient norm."""
+"""Plots as PNG: a run's training curves (loss, learning rate, gradient norm) and attention maps.
+
+matplotlib is an optional extra (``plot``); it is imported on first use, with the file-only Agg
+backend so plots work on servers without a display.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
+
+import numpy as np
 
 from .atomic import atomic_write
 from .errors import UserError
+
+MAX_LABELLED_TOKENS = 48  # beyond this, tick labels are unreadable; the axes stay unlabelled
 
 
 def pyplot():
@@ -72,3 +82,51 @@ def plot_run(out_dir: str | Path) -> list[Path]:
 
 def _save_png(fig, path: Path) -> None:
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+
+
+# -- attention maps ---------------------------------------------------------------------------
+
+def plot_attention_file(npz_path: str | Path, png_path: Optional[str | Path] = None) -> Path:
+    """Draw the ``.npz`` written by :func:`mini_transformer.generation.save_attention` as a PNG grid.
+
+    The PNG goes next to the ``.npz`` (same name) unless ``png_path`` says otherwise; returns its path.
+    """
+    npz_path = Path(npz_path)
+    with np.load(npz_path, allow_pickle=False) as data:
+        weights, labels = data["attention"], [str(s) for s in data["labels"]]
+    png = Path(png_path) if png_path is not None else npz_path.with_suffix(".png")
+    plot_attention(weights, labels, png)
+    return png
+
+
+def plot_attention(weights: np.ndarray, labels: Sequence[str], path: str | Path) -> None:
+    """A grid of heatmaps of ``weights`` (L, H, T, T): one row per layer, one column per head;
+    query down, key across. ``labels`` are the T tokens' display strings."""
+    plt = pyplot()
+    n_layers, n_heads, T, _ = weights.shape
+    size = max(1.6, min(4.0, 0.12 * T))
+    fig, axes = plt.subplots(n_layers, n_heads, figsize=(size * n_heads, size * n_layers), squeeze=False)
+    ticks = [_printable(s) for s in labels] if T <= MAX_LABELLED_TOKENS else None
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            ax = axes[layer][head]
+            ax.imshow(weights[layer, head], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_title(f"layer {layer} head {head}", fontsize=7)
+            if ticks is not None:
+                ax.set_xticks(range(T), ticks, fontsize=5, rotation=90)
+                ax.set_yticks(range(T), ticks, fontsize=5)
+            else:
+                ax.set_xticks([])
+                ax.set_yticks([])
+    fig.supxlabel("key (attended to)", fontsize=8)
+    fig.supylabel("query (attending)", fontsize=8)
+    fig.tight_layout()
+    try:
+        atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
+def _printable(text: str) -> str:
+    """Token labels with whitespace made visible (a newline would break the axis)."""
+    return text.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "\u2423") or "\u2205"

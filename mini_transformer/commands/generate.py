@@ -420,9 +420,11 @@ class Session:
 
     def log_attention(self, token_ids: list[int], out_dir: str) -> None:
         from ..generation import save_attention
+        from ..plot import plot_attention_file
 
         labels = [self.tokenizer.decode([t]) for t in token_ids]
-        npz, png = save_attention(self.model, token_ids, out_dir, labels=labels)
+        npz = save_attention(self.model, token_ids, out_dir, labels=labels)
+        png = plot_attention_file(npz)
         note(f"attention maps written to {npz} and {png}")
 
 

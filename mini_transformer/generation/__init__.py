@@ -3,10 +3,11 @@ attention maps. Works on token ids; only the streaming helpers take a ``decode``
 
 Modules: :mod:`.sampling` (logits -> token), :mod:`.engine` (prefill, decode_one_token, the
 iterators), :mod:`.streaming` (incremental detokenizer, stop strings), :mod:`.speculative`
-(draft/target decoding), :mod:`.attention` (weights to .npz and a PNG grid).
+(draft/target decoding), :mod:`.attention` (attention weights to .npz; the PNG grid is drawn by
+:mod:`mini_transformer.plot`).
 """
 
-from .attention import attention_weights, plot_attention, save_attention
+from .attention import attention_weights, save_attention
 from .engine import (
     PromptTruncatedWarning, decode_one_token, generate, generate_batch, generate_batch_stream,
     generate_stream, prefill, release_decode_caches,
@@ -24,7 +25,7 @@ __all__ = [
     "PromptTruncatedWarning", "SamplingParams", "SpeculativeStats", "StopStrings", "TextStreamer",
     "apply_repetition_penalty", "attention_weights", "decode_one_token", "generate", "generate_batch",
     "generate_batch_stream", "generate_stream", "make_generator", "min_p_filter", "next_token_probs",
-    "plot_attention", "prefill", "process_logits", "release_decode_caches", "sample_next_token", "save_attention",
+    "prefill", "process_logits", "release_decode_caches", "sample_next_token", "save_attention",
     "speculative_accept", "speculative_generate", "speculative_generate_stream", "stream_text",
     "top_k_filter", "top_p_filter", "truncate_at_stop",
 ]

@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test test-fast test-gpu demo bench clean
 
 venv: $(STAMP)
 
@@ -18,8 +18,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev,tensorboard]"
 	touch $(STAMP)
 
+# Tiers (pytest markers, registered in pyproject.toml): `test` runs everything, as CI does;
+# `test-fast` leaves out the `slow` tests (processes, compiling, long training: under 2 minutes
+# on 2 CPUs); `test-gpu` runs only the CUDA tests, which skip, saying why, without a GPU.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests
 
 # make demo DATA=path/to/text.txt trains on that text instead.
 demo: $(STAMP)

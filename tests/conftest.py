@@ -11,6 +11,20 @@ torch.set_num_threads(1)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the ``gpu`` tier where there is no CUDA device, with the reason in the summary.
+
+    The tiers (markers registered in pyproject.toml): ``make test`` runs everything, ``make
+    test-fast`` leaves out ``slow``; ``gpu`` tests run wherever CUDA is available.
+    """
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu tier: needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run the CLI in-process; returns (status, stdout, stderr)."""

@@ -259,7 +259,7 @@ def test_repl_changes_settings_survives_ctrl_c_and_exits_on_ctrl_d(ckpt):
 def test_dtype_sets_the_precision_of_the_weights(run_cli, ckpt, monkeypatch):
     """--dtype (or generation.decode_dtype) converts the loaded model; auto keeps fp32 on CPU and picks
     bf16, or fp16 on GPUs without bf16, on CUDA; fp16 on CPU is refused in one line."""
-    from mini_transformer.commands import generate as command
+    from mini_transformer import session as command
     from mini_transformer.device import inference_dtype
 
     seen = []
@@ -284,3 +284,21 @@ def test_dtype_sets_the_precision_of_the_weights(run_cli, ckpt, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert inference_dtype("auto", cuda) is torch.float16
     assert inference_dtype("auto", torch.device("cpu")) is None
+
+
+def test_quantize_flag_quantizes_the_weights_on_load(run_cli, ckpt, monkeypatch):
+    from mini_transformer import session
+    from mini_transformer.quantize import is_quantized
+
+    seen = []
+    real_init = session.Session.__init__
+
+    def recording_init(self, model, *args, **kwargs):
+        seen.append(is_quantized(model))
+        real_init(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(session.Session, "__init__", recording_init)
+    status, out, err = gen(run_cli, ckpt, "--prompt", "the", "--max_tokens", "5", "--quantize", "int8")
+    assert status == 0, err
+    assert out.startswith("the") and len(out) == len("the") + 5 + 1
+    assert seen == [True]

@@ -1,17 +1,26 @@
-"""Atomic file writes: a crash or ``kill -9`` leaves either the old file or the new one, never half.
+"""Atomic writes: a crash or ``kill -9`` leaves either the old file or directory, or the new one, never half.
 
-The data goes to a temporary file in the same directory, is flushed and fsynced, and is then
-renamed over the target (``os.replace`` is atomic on POSIX and Windows).
+A file goes to a temporary file in the same directory, is flushed and fsynced, and is then
+renamed over the target (``os.replace`` is atomic on POSIX and Windows). A directory of files
+(a checkpoint, a prepared dataset) is written into a temporary directory next to its target and
+renamed into place the same way by :func:`atomic_directory`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
+
+IfExists = Literal["error", "keep", "replace"]
+# Windows fsyncs only a handle opened for writing; POSIX any descriptor of the file.
+_FSYNC_OPEN_FLAGS = os.O_RDWR if os.name == "nt" else os.O_RDONLY
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
@@ -39,6 +48,83 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, if_exists: IfExists = "error") -> Iterator[Path]:
+    """Yield an empty temporary directory next to ``target``; when the block ends, it becomes ``target``.
+
+    On success every file in it is fsynced, it is renamed to ``target`` and the parent
+    directory is fsynced, so ``target`` appears complete or not at all. If the block raises, the
+    temporary directory is removed and ``target`` is left as it was. What happens when
+    ``target`` already exists is the caller's choice:
+
+    * ``"error"``: raise :class:`FileExistsError`, before the block runs (nothing is written) or,
+      if another process created ``target`` meanwhile, at the end (the new one is discarded).
+    * ``"keep"``: keep the existing directory and discard the new one (a concurrent writer that
+      finished first wins; a cache entry is the same whoever writes it).
+    * ``"replace"``: once the new directory is complete, the old one is renamed aside to
+      ``.old-<name>``, the new one renamed into place, then the old one removed. A crash
+      between those two renames leaves the old directory at ``.old-<name>``.
+
+    An *empty* directory at ``target`` counts as absent: POSIX ``rename`` replaces it. The
+    temporary directory is ``.tmp-<name>-*`` and gets the usual mode for the umask (``mkdtemp``
+    alone would make it owner-only).
+    """
+    if if_exists not in ("error", "keep", "replace"):
+        raise ValueError(f"if_exists must be 'error', 'keep' or 'replace', not {if_exists!r}")
+    target = Path(target)
+    if if_exists == "error" and _is_nonempty_dir(target):
+        raise FileExistsError(errno.EEXIST, "directory exists", str(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        _fsync_tree(tmp)
+        if if_exists == "replace" and _is_nonempty_dir(target):
+            _swap_into_place(tmp, target)
+        else:
+            _rename_unless_exists(tmp, target, if_exists)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+    fsync_dir(target.parent)
+
+
+def _is_nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def _rename_unless_exists(tmp: Path, target: Path, if_exists: IfExists) -> None:
+    try:
+        os.rename(tmp, target)
+    except OSError as exc:
+        taken = isinstance(exc, FileExistsError) or exc.errno in (errno.EEXIST, errno.ENOTEMPTY)
+        if not (taken and target.exists()):
+            raise
+        if if_exists == "error":
+            raise FileExistsError(errno.EEXIST, "directory exists", str(target)) from None
+        # "keep" (or "replace" losing a race to another writer): the existing directory stays.
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    old = target.parent / f".old-{target.name}"
+    shutil.rmtree(old, ignore_errors=True)  # left by a crash in an earlier swap
+    os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (files written atomically are already)."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), _FSYNC_OPEN_FLAGS)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(directory)
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:

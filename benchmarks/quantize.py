@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mini_transformer.config import ModelConfig  # noqa: E402
 from mini_transformer.model import Transformer  # noqa: E402
 from mini_transformer.quantize import (  # noqa: E402
-    dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, quantize_model, quantized_state_dict,
-    save_quantized, unpack_int4,
+    dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, quantize_model, save_quantized, unpack_int4,
 )
+from mini_transformer.weights import weights_state_dict  # noqa: E402
 from safetensors.torch import save as save_safetensors_bytes  # noqa: E402
 
 
@@ -133,10 +133,10 @@ def size_table(config: ModelConfig) -> None:
     print("|---|---|---|")
     torch.manual_seed(0)
     base = Transformer(config)
-    fp32 = len(save_safetensors_bytes(quantized_state_dict(base)))  # dedups the tied head, like checkpoint.py
+    fp32 = len(save_safetensors_bytes(weights_state_dict(base)))  # dedups the tied head, like checkpoint.py
     print(f"| fp32 | {fp32:,} | 1.00 |")
-    print(f"| bf16 | {len(save_safetensors_bytes(quantized_state_dict(copy.deepcopy(base).bfloat16()))):,} | "
-          f"{fp32 / len(save_safetensors_bytes(quantized_state_dict(copy.deepcopy(base).bfloat16()))):.2f} |")
+    print(f"| bf16 | {len(save_safetensors_bytes(weights_state_dict(copy.deepcopy(base).bfloat16()))):,} | "
+          f"{fp32 / len(save_safetensors_bytes(weights_state_dict(copy.deepcopy(base).bfloat16()))):.2f} |")
     for mode, group in (("int8", 128), ("int4", 32), ("int4", 64)):
         for emb in (False, True):
             model = quantize_model(copy.deepcopy(base), mode, group, include_embedding=emb)

@@ -22,23 +22,21 @@ refuses pickled objects other than tensors and plain containers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import yaml
-from safetensors.torch import save as save_safetensors_bytes
 
-from .atomic import atomic_write, atomic_write_bytes, atomic_write_text, fsync_dir
-from .config import Config, ModelConfig
+from .atomic import atomic_directory, atomic_write, atomic_write_text
+from .config import Config
 from .errors import UserError
-from .safetensors_io import read_safetensors
-from .model import Transformer, rope_cache
+from .model import Transformer
+from .safetensors_io import read_safetensors, write_safetensors
+from .weights import assign_weights, missing_weights, model_fingerprint, weights_state_dict
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -50,39 +48,23 @@ BEST_POINTER = "best.json"
 CHECKPOINT_PREFIX = "ckpt-"
 
 
-def model_fingerprint(config: ModelConfig) -> str:
-    """A short hash of the architecture: checkpoints and adapters must match it to load."""
-    text = json.dumps({k: v for k, v in vars(config).items() if k not in ("dropout", "attention")},
-                      sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 # -- weights ---------------------------------------------------------------------------------
 
-def weights_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors for safetensors: contiguous, CPU, and each shared tensor stored once."""
-    state = model.state_dict()
-    seen: set[tuple] = set()
-    result: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen:  # a tied weight: the embedding already holds it
-            continue
-        seen.add(key)
-        result[name] = tensor.detach().to("cpu").contiguous()
-    return result
-
-
 def save_weights(path: Path, model: torch.nn.Module, metadata: Optional[dict[str, str]] = None) -> None:
-    atomic_write_bytes(path, save_safetensors_bytes(weights_state_dict(model), metadata=metadata))
+    write_safetensors(path, weights_state_dict(model), metadata)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return read_safetensors(path, "checkpoint weights", "use another checkpoint or retrain")
 
 
-def load_weights_into(model: Transformer, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Load weights, allowing only the tied LM head to be absent; shapes must match exactly."""
+def load_weights_into(model: Transformer, state: dict[str, torch.Tensor], source: Path, *,
+                      assign: bool = False) -> None:
+    """Load weights, allowing only tied aliases (the LM head) to be absent; shapes must match exactly.
+
+    ``assign=True`` is for a model built on the meta device: it takes the tensors themselves
+    (see :func:`~mini_transformer.weights.assign_weights`) instead of copying them in.
+    """
     expected = model.state_dict()
     for name, tensor in state.items():
         if name not in expected:
@@ -91,12 +73,13 @@ def load_weights_into(model: Transformer, state: dict[str, torch.Tensor], source
         if expected[name].shape != tensor.shape:
             raise UserError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
                             f"{tuple(expected[name].shape)}; the checkpoint belongs to a different model shape")
-    missing = [n for n in expected if n not in state]
-    if model.config.tie_embeddings:
-        missing = [n for n in missing if n != "lm_head.weight"]
+    missing = missing_weights(model, state)
     if missing:
         raise UserError(f"{source} lacks weights {', '.join(missing[:3])}; the checkpoint is incomplete")
-    model.load_state_dict(state, strict=False)
+    if assign:
+        assign_weights(model, state)
+    else:
+        model.load_state_dict(state, strict=False)
 
 
 # -- saving ------------------------------------------------------------------------------------
@@ -116,19 +99,11 @@ def save_checkpoint(
 ) -> Path:
     """Write a complete checkpoint for ``step`` atomically and move the pointers to it."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     name = f"{CHECKPOINT_PREFIX}{step:08d}"
     final = out / name
-    if not final.exists():
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".tmp-{name}-"))
-        try:
+    if not final.exists():  # a step's checkpoint, once complete, is never rewritten
+        with atomic_directory(final, if_exists="keep") as tmp:
             _write_checkpoint_files(tmp, step, model, config, tokenizer, train_state, best_val_loss, extra_meta)
-            fsync_dir(tmp)
-            os.rename(tmp, final)
-            fsync_dir(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     _write_pointer(out / LATEST_POINTER, name, step)
     if is_best:
         _write_pointer(out / BEST_POINTER, name, step, best_val_loss)
@@ -256,23 +231,17 @@ def load_model(directory: Path, device: str | torch.device = "cpu",
 
     if read_quantization_meta(directory) is not None:
         return load_quantized(directory, config.model).to(device)
-    # Built on the meta device (no time spent on a random init), then given real storage.
+    state = read_weights(directory / WEIGHTS_FILE)  # memory-mapped
+    # Built on the meta device (no memory, no random init), then given the file's tensors.
     with torch.device("meta"):
         model = Transformer(config.model)
-    model = model.to_empty(device="cpu")
-    # The RoPE tables are buffers outside the checkpoint: recompute them.
-    model.rope_cos, model.rope_sin = rope_cache(config.model.block_size, config.model.head_dim,
-                                                config.model.rope_base)
-    if config.model.tie_embeddings:  # to_empty gives the two modules separate storage: tie again
-        model.lm_head.weight = model.tok_emb.weight
-    state = read_weights(directory / WEIGHTS_FILE)
-    if any(".lora_A" in name for name in state):
-        from .lora import apply_lora
+        if any(".lora_A" in name for name in state):
+            from .lora import apply_lora
 
-        a = config.advanced
-        apply_lora(model, rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
-                   targets=tuple(a.lora_targets))
-    load_weights_into(model, state, directory)
+            a = config.advanced
+            apply_lora(model, rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
+                       targets=tuple(a.lora_targets))
+    load_weights_into(model, state, directory, assign=True)
     return model.to(device)
 
 
@@ -317,30 +286,15 @@ def save_inference_checkpoint(directory: str | os.PathLike, model: Transformer, 
     """A checkpoint for generation only (weights, config, tokenizer), written as one atomic step.
 
     Used by ``merge`` and ``quantize``. An existing checkpoint at ``directory`` is replaced
-    only once the new one is complete.
+    only once the new one is complete (see :func:`~mini_transformer.atomic.atomic_directory`).
     """
     final = Path(directory)
     if source is not None and _overlaps(final, Path(source)):
         raise UserError(f"--out {final} would overwrite the checkpoint it is made from; choose a new directory")
     if final.exists() and not (final / META_FILE).is_file():
         raise UserError(f"{final} exists and is not a checkpoint; choose a new --out directory")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
-    try:
+    with atomic_directory(final, if_exists="replace") as tmp:
         _write_checkpoint_files(tmp, None, model, config, tokenizer, None, None, extra_meta)
-        fsync_dir(tmp)
-        if final.exists():
-            old = final.parent / f".old-{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

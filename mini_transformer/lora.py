@@ -37,8 +37,10 @@ architecture, of its layer shapes and of its weights), so an adapter is refused 
 not trained on. The weights are left out of the check where either side is quantized (QLoRA
 trains on a quantized base, and its adapter belongs to the full-precision checkpoint too).
 
-This module imports ``config`` and ``model`` only (see docs/ARCHITECTURE.md); it knows quantized
-layers by duck typing (``in_features``/``out_features``), not by importing ``quantize``.
+LoRA is applied to the model from outside, like quantization: the model never imports this
+module, and this module does not import ``quantize`` either (a QLoRA run stacks the two). It
+knows quantized layers by duck typing (``in_features``/``out_features``), so either can be
+applied first and neither has to know the other's classes.
 """
 
 from __future__ import annotations
@@ -53,11 +55,11 @@ from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save as save_safetensors_bytes
 
-from .atomic import atomic_write_bytes, atomic_write_text
+from .atomic import atomic_write_text
 from .errors import UserError
-from .safetensors_io import read_safetensors
+from .safetensors_io import read_safetensors, write_safetensors
+from .weights import architecture, model_fingerprint, tied_names
 
 ADAPTER_WEIGHTS_FILE = "adapter.safetensors"
 ADAPTER_CONFIG_FILE = "adapter.json"
@@ -172,11 +174,10 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: fl
     for param in model.parameters():
         param.requires_grad_(False)
     for name in names:
-        parent, child = _parent_and_attr(model, name)
-        base = getattr(parent, child)
+        base = model.get_submodule(name)
         if not hasattr(base, "in_features") or not hasattr(base, "out_features"):
             raise TypeError(f"{name} is a {type(base).__name__}, not a Linear layer")
-        setattr(parent, child, LoRALinear(base, rank, alpha, dropout))
+        model.set_submodule(name, LoRALinear(base, rank, alpha, dropout), strict=True)
     return model
 
 
@@ -196,16 +197,13 @@ def lora_settings(model: nn.Module) -> Optional[LoRASettings]:
 
 
 def lora_parameter_counts(model: nn.Module) -> tuple[int, int, float]:
-    """(trainable, total, trainable / total), for printing. Tied weights count once.
+    """(trainable, total, trainable / total), for printing. Tied weights count once (as
+    ``parameters()`` yields them).
 
     A quantized base layer counts its logical ``in * out`` weights, though they are buffers.
     """
-    seen: set[int] = set()
     trainable = total = 0
     for param in model.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
         total += param.numel()
         trainable += param.numel() if param.requires_grad else 0
     for module in model.modules():
@@ -214,7 +212,7 @@ def lora_parameter_counts(model: nn.Module) -> tuple[int, int, float]:
     return trainable, total, trainable / max(total, 1)
 
 
-lora_parameters = lora_parameter_counts  # the name used in the design brief
+lora_parameters = lora_parameter_counts  # the same function under a shorter name
 
 
 def _is_quantized_linear(module: nn.Module) -> bool:
@@ -228,15 +226,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     The merged layers' weights stay frozen as they were; call ``requires_grad_(True)`` to train on.
     """
-    for name in list(lora_layers(model)):
-        parent, child = _parent_and_attr(model, name)
-        setattr(parent, child, getattr(parent, child).merged())
+    for name, layer in lora_layers(model).items():
+        model.set_submodule(name, layer.merged(), strict=True)
     return model
-
-
-def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return model.get_submodule(parent_name) if parent_name else model, child
 
 
 # -- adapter state -----------------------------------------------------------------------------
@@ -271,12 +263,6 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 # -- the base's fingerprint --------------------------------------------------------------------
 
-def config_hash(config: Any) -> str:
-    """Hash of the architecture; the same value as ``checkpoint.model_fingerprint``."""
-    text = json.dumps(_architecture(config), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def base_shapes(model: nn.Module) -> dict[str, list[int]]:
     """Logical weight shapes of the base, by the names of a plain model.
 
@@ -299,9 +285,13 @@ def base_shapes(model: nn.Module) -> dict[str, list[int]]:
 
 
 def base_fingerprint(model: nn.Module) -> dict[str, str]:
-    """``{"config_hash": ..., "shapes_hash": ...}`` of the base model (adapters excluded)."""
+    """``{"config_hash": ..., "shapes_hash": ...}`` of the base model (adapters excluded).
+
+    ``config_hash`` is :func:`~mini_transformer.weights.model_fingerprint`, the value a
+    checkpoint's ``checkpoint.json`` records; the key keeps the name adapters have always had.
+    """
     shapes = json.dumps(base_shapes(model), sort_keys=True)
-    return {"config_hash": config_hash(model.config),
+    return {"config_hash": model_fingerprint(model.config),
             "shapes_hash": hashlib.sha256(shapes.encode()).hexdigest()[:16]}
 
 
@@ -312,15 +302,13 @@ def base_weights_hash(model: nn.Module) -> Optional[str]:
     quantized base, whose integer weights are not those of the checkpoint it came from. A weight
     shared by two names (tied embeddings) is hashed once.
     """
-    state, seen = {}, set()
+    aliases = tied_names(model)
+    state = {}
     for name, tensor in model.state_dict().items():
-        if name.endswith((".lora_A", ".lora_B")):
+        if name in aliases or name.endswith((".lora_A", ".lora_B")):
             continue
         if not tensor.is_floating_point():
             return None
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
         state[name.replace(".base.", ".")] = tensor  # a LoRA-wrapped layer's base: the plain name
     digest = hashlib.sha256()
     for name, tensor in sorted(state.items()):
@@ -328,11 +316,6 @@ def base_weights_hash(model: nn.Module) -> Optional[str]:
         digest.update(f"{name}:{tuple(data.shape)};".encode())
         digest.update(data.view(torch.uint8).numpy())  # raw bytes: numpy has no bf16
     return digest.hexdigest()[:16]
-
-
-def _architecture(config: Any) -> dict[str, Any]:
-    """The config fields that decide the weights (dropout and the attention kernel do not)."""
-    return {k: v for k, v in vars(config).items() if k not in ("dropout", "attention")}
 
 
 # -- saving and loading adapters -----------------------------------------------------------------
@@ -354,12 +337,11 @@ def save_adapter(directory: str | os.PathLike, model: nn.Module, settings: Optio
         "format_version": ADAPTER_FORMAT_VERSION,
         "lora": asdict(settings),
         "base": fingerprint or base_fingerprint(model),
-        "base_architecture": _architecture(model.config),
+        "base_architecture": architecture(model.config),
         "base_shapes": base_shapes(model),
         "base_weights_hash": weights_hash or base_weights_hash(model),
     }
-    atomic_write_bytes(directory / ADAPTER_WEIGHTS_FILE,
-                       save_safetensors_bytes(tensors, metadata={"format": "mini-transformer-lora"}))
+    write_safetensors(directory / ADAPTER_WEIGHTS_FILE, tensors, {"format": "mini-transformer-lora"})
     atomic_write_text(directory / ADAPTER_CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
     return directory
 
@@ -411,7 +393,7 @@ def check_adapter_base(meta: dict[str, Any], model: nn.Module) -> None:
                             f"{saved_weights} vs {current_weights}); load it onto the checkpoint it was "
                             "fine-tuned from")
         return
-    detail = _first_difference(meta.get("base_architecture", {}), _architecture(model.config))
+    detail = _first_difference(meta.get("base_architecture", {}), architecture(model.config))
     if detail is None:
         detail = _first_difference(meta.get("base_shapes", {}), base_shapes(model)) or \
             f"fingerprint {saved.get('config_hash')} vs {current['config_hash']}"

@@ -71,13 +71,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as save_safetensors_bytes
 
-from .atomic import atomic_write_bytes, atomic_write_text
+from .atomic import atomic_write_text
 from .config import ModelConfig
 from .errors import UserError
-from .safetensors_io import read_safetensors
 from .model import Transformer
+from .safetensors_io import read_safetensors, write_safetensors
+from .weights import assign_weights, missing_weights, weights_state_dict
 
 MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 CPU kernel accepts
@@ -331,8 +331,9 @@ class QuantizedEmbedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """A dequantized copy of the table (vocab, C): for code that reads ``tok_emb.weight`` for
-        its dtype, device or size (``Transformer.setup_kv_cache``). Writing to it changes nothing.
+        """A dequantized copy of the table (vocab, C), for code written for ``nn.Embedding`` that
+        reads ``.weight``. It costs a full dequantization: read the model's ``device``/``dtype``
+        instead of this to learn those. Writing to it changes nothing.
         """
         return self.quantized_table.dequantize()
 
@@ -434,12 +435,11 @@ def _swap(model: nn.Module, layers: list[tuple[str, nn.Linear]], include_embeddi
     for name, linear in layers:
         quantized = convert(linear)
         if name == "tok_emb":  # an untied embedding gets its own quantized table
-            model.tok_emb = QuantizedEmbedding(quantized, tied=False)
+            model.set_submodule("tok_emb", QuantizedEmbedding(quantized, tied=False), strict=True)
             continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, quantized)
+        model.set_submodule(name, quantized, strict=True)
         if include_embedding and linear is tied_head:  # the embedding reads the head's table
-            model.tok_emb = QuantizedEmbedding(quantized, tied=True)
+            model.set_submodule("tok_emb", QuantizedEmbedding(quantized, tied=True), strict=True)
 
 
 def quantization_meta(model: nn.Module) -> Optional[dict[str, Any]]:
@@ -470,6 +470,7 @@ def is_quantized(model: nn.Module) -> bool:
 def build_quantized_model(config: ModelConfig, meta: dict[str, Any]) -> Transformer:
     """A ``Transformer`` with empty quantized layers laid out as ``meta`` says, ready for
     ``load_state_dict`` of a quantized state dict (the tied LM head appears once, as ``lm_head``).
+    Built inside ``torch.device("meta")``, it takes no memory (see :func:`quantized_state_dict_to_model`).
     """
     mode = check_mode(meta.get("mode"))
     include_embedding = bool(meta.get("include_embedding", False))
@@ -489,30 +490,24 @@ def build_quantized_model(config: ModelConfig, meta: dict[str, Any]) -> Transfor
     return model
 
 
-def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The compact tensors, contiguous on CPU, each shared tensor once (as safetensors needs)."""
-    seen: set[tuple] = set()
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen:  # the tied full-precision LM head: the embedding already holds it
-            continue
-        seen.add(key)
-        state[name] = tensor.detach().to("cpu").contiguous()
-    return state
-
-
 def quantized_state_dict_to_model(config: ModelConfig, state: dict[str, torch.Tensor],
                                   meta: dict[str, Any]) -> Transformer:
-    """Rebuild a quantized model from a state dict saved by :func:`quantized_state_dict`."""
-    model = build_quantized_model(config, meta)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if _tied_head(model) is not None:
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        which = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+    """Rebuild a quantized model from its state dict (:func:`~mini_transformer.weights.weights_state_dict`
+    of a quantized model, as :func:`save_quantized` writes it). The model is built on the meta
+    device and takes ``state``'s tensors themselves.
+    """
+    with torch.device("meta"):
+        model = build_quantized_model(config, meta)
+    expected = model.state_dict()
+    missing = missing_weights(model, state)
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [k for k in state if k in expected and expected[k].shape != state[k].shape]
+    if missing or unexpected or wrong_shape:
+        which = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
+                 else f"{wrong_shape[0]} has shape {tuple(state[wrong_shape[0]].shape)}")
         raise UserError(f"quantized weights do not fit the model ({which}); the checkpoint's config "
                         "or quantization.json does not match its weights, re-run quantize")
+    assign_weights(model, state)
     return model
 
 
@@ -530,8 +525,7 @@ def save_quantized(directory: str | os.PathLike, model: Transformer) -> Path:
         raise UserError("bitsandbytes-quantized models can't be saved; quantize with backend='native'")
     directory = Path(directory)
     header = {"quantization_meta": json.dumps(meta), "format": "mini-transformer-quantized"}
-    atomic_write_bytes(directory / QUANTIZED_WEIGHTS_FILE,
-                       save_safetensors_bytes(quantized_state_dict(model), metadata=header))
+    write_safetensors(directory / QUANTIZED_WEIGHTS_FILE, weights_state_dict(model), header)
     record = {**meta, "model": dataclasses.asdict(model.config)}
     atomic_write_text(directory / QUANTIZATION_FILE, json.dumps(record, indent=2) + "\n")
     return directory
@@ -624,7 +618,6 @@ def _quantize_bitsandbytes(model: nn.Module, mode: str, layers: list[tuple[str, 
             new.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False, quant_type="nf4")
         if bias:
             new.bias = nn.Parameter(linear.bias.data.cpu(), requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new.to(device))  # quantizes
+        model.set_submodule(name, new.to(device), strict=True)  # .to(device) quantizes
     model._bnb_mode = mode
     return model

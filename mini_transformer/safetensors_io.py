@@ -1,21 +1,37 @@
-"""Reading safetensors files with one clear error for a missing or corrupt file."""
+"""safetensors files: written atomically, read memory-mapped, one clear error for a bad file."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
+from .atomic import atomic_write_bytes
 from .errors import UserError
 
 
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
+                      metadata: Optional[dict[str, str]] = None) -> None:
+    """Write ``tensors`` (contiguous, CPU, no two sharing memory) to ``path`` atomically."""
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
+
+
 def read_safetensors(path: Path, what: str, fix: str) -> dict[str, torch.Tensor]:
-    """The tensors in ``path``; a UserError naming ``what`` is wrong and the ``fix`` otherwise."""
+    """The tensors in ``path``; a UserError naming ``what`` is wrong and the ``fix`` otherwise.
+
+    The file is memory-mapped (privately: writing to a tensor never changes the file), so the
+    tensors cost no memory until they are read, and loading never holds the file's bytes and
+    the tensors at once. safetensors checks the header against the file size on opening, so a
+    truncated or foreign file fails here, not at first use.
+    """
     if not path.is_file():
         raise UserError(f"{what} {path} is missing; {fix}")
     try:
-        return load_safetensors_bytes(path.read_bytes())
+        return load_file(path)
     except (SafetensorError, ValueError, OSError) as exc:
-        raise UserError(f"{what} {path} are corrupt ({str(exc).splitlines()[0]}); {fix}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{what} {path} are corrupt ({first}); {fix}") from None

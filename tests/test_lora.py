@@ -12,12 +12,13 @@ import torch.nn as nn
 from mini_transformer.config import ModelConfig
 from mini_transformer.errors import UserError
 from mini_transformer.lora import (
-    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LoRALinear, LoRASettings, apply_lora, base_fingerprint, config_hash,
+    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LoRALinear, LoRASettings, apply_lora, base_fingerprint,
     load_adapter, load_lora_state_dict, lora_layers, lora_parameter_counts, lora_settings, lora_state_dict,
     merge_lora, save_adapter,
 )
 from mini_transformer.model import Transformer
 from mini_transformer.quantize import quantize_model
+from mini_transformer.weights import model_fingerprint
 
 
 @pytest.fixture(autouse=True)
@@ -148,7 +149,7 @@ def test_save_and_load_adapter(base, idx, tmp_path):
     save_adapter(tmp_path, model)
     meta = json.loads((tmp_path / ADAPTER_CONFIG_FILE).read_text())
     assert meta["lora"] == {"rank": 4, "alpha": 8.0, "dropout": 0.05, "targets": ["attention", "ffn"]}
-    assert meta["base"]["config_hash"] == config_hash(base.config)
+    assert meta["base"]["config_hash"] == model_fingerprint(base.config)
     assert (tmp_path / ADAPTER_WEIGHTS_FILE).is_file()
     assert not list(tmp_path.glob("*.tmp"))
     fresh = load_adapter(tmp_path, copy.deepcopy(base)).eval()  # applies LoRA from adapter.json
@@ -189,6 +190,22 @@ def test_adapter_on_other_weights_of_the_same_shape_is_refused(base, idx, tmp_pa
     del meta["base_weights_hash"]
     (tmp_path / ADAPTER_CONFIG_FILE).write_text(json.dumps(meta))
     load_adapter(tmp_path, copy.deepcopy(other))
+
+
+def test_adapters_of_earlier_versions_still_fit(base, idx, tmp_path):
+    """adapter.json files written earlier record these very values under these keys: the
+    fingerprint (the checkpoint's model_fingerprint) and the shapes hash must not drift."""
+    assert base_fingerprint(base) == {"config_hash": "56d5e5008af711d9", "shapes_hash": "db64a6ce56fbd1fd"}
+    model = apply_lora(copy.deepcopy(base), rank=4, alpha=8)
+    train_adapters(model, idx, steps=1)
+    save_adapter(tmp_path, model)
+    meta = json.loads((tmp_path / ADAPTER_CONFIG_FILE).read_text())
+    assert set(meta) == {"format_version", "lora", "base", "base_architecture", "base_shapes", "base_weights_hash"}
+    meta["base"] = {"config_hash": "56d5e5008af711d9", "shapes_hash": "db64a6ce56fbd1fd"}
+    del meta["base_weights_hash"]  # as written before the base's weights were hashed
+    (tmp_path / ADAPTER_CONFIG_FILE).write_text(json.dumps(meta))
+    loaded = load_adapter(tmp_path, copy.deepcopy(base)).eval()
+    assert torch.equal(loaded(idx).logits, model.eval()(idx).logits)
 
 
 def test_user_errors(base, tmp_path):

@@ -19,9 +19,10 @@ from mini_transformer.model import Transformer
 from mini_transformer.quantize import (
     KERNEL_MAX_ROWS, QUANTIZATION_FILE, Int4Linear, Int8Linear, QuantizedEmbedding, build_quantized_model,
     dequantize_int4, dequantize_int8, load_quantized, pack_int4, quantization_meta, quantize_int4, quantize_int8,
-    quantize_model, quantized_state_dict, quantized_state_dict_to_model, read_quantization_meta,
-    refuse_if_quantized, save_quantized, unpack_int4, valid_group_sizes,
+    quantize_model, quantized_state_dict_to_model, read_quantization_meta, refuse_if_quantized, save_quantized,
+    unpack_int4, valid_group_sizes,
 )
+from mini_transformer.weights import weights_state_dict
 
 
 @contextlib.contextmanager
@@ -192,7 +193,7 @@ def test_save_and_load_round_trip(model, idx, tmp_path, mode, group_size, includ
     loaded = load_quantized(tmp_path).eval()
     assert quantization_meta(loaded) == quantization_meta(q)
     assert torch.equal(loaded(idx).logits, q(idx).logits)
-    state = quantized_state_dict(q)
+    state = weights_state_dict(q)
     if mode == "int4":
         assert state["blocks.0.attn.qkv.weight"].dtype == torch.uint8
         assert state["blocks.0.attn.qkv.scales"].dtype == torch.bfloat16
@@ -213,11 +214,11 @@ def test_loaded_int4_model_rebuilds_the_kernel_packing(model, tmp_path):
 def test_on_disk_size_of_the_small_preset(tmp_path):
     torch.manual_seed(0)
     small = Transformer(ModelConfig(vocab_size=65, d_model=256, n_heads=8, n_layers=6, block_size=64))
-    fp32 = len(save_safetensors_bytes(quantized_state_dict(small)))  # the tied head stored once
+    fp32 = len(save_safetensors_bytes(weights_state_dict(small)))  # the tied head stored once
 
     def ratio(mode: str, group_size: int, include_embedding: bool = False) -> float:
         q = quantize_model(copy.deepcopy(small), mode, group_size, include_embedding)
-        return fp32 / len(save_safetensors_bytes(quantized_state_dict(q)))
+        return fp32 / len(save_safetensors_bytes(weights_state_dict(q)))
 
     assert ratio("int8", 128) >= 3.5
     assert ratio("int4", 32) >= 6 and ratio("int4", 64) >= 6
@@ -227,7 +228,7 @@ def test_on_disk_size_of_the_small_preset(tmp_path):
     q = quantize_model(copy.deepcopy(small), "int4", 64)
     save_quantized(tmp_path, q)
     on_disk = os.path.getsize(tmp_path / "model.safetensors")
-    assert 0 <= on_disk - len(save_safetensors_bytes(quantized_state_dict(q))) < 1024
+    assert 0 <= on_disk - len(save_safetensors_bytes(weights_state_dict(q))) < 1024
     assert fp32 / on_disk >= 6
 
 
@@ -265,7 +266,7 @@ def test_quantizing_twice_is_refused(model, tmp_path):
 
 
 def test_full_precision_checkpoint_has_no_meta(model, tmp_path):
-    (tmp_path / "model.safetensors").write_bytes(save_safetensors_bytes(quantized_state_dict(model)))
+    (tmp_path / "model.safetensors").write_bytes(save_safetensors_bytes(weights_state_dict(model)))
     assert read_quantization_meta(tmp_path) is None
     refuse_if_quantized(tmp_path)
     with pytest.raises(UserError, match="not quantized"):

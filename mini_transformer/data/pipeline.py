@@ -34,7 +34,7 @@ from typing import Any, Optional
 import numpy as np
 from tqdm import tqdm
 
-from ..atomic import atomic_write_text, fsync_dir
+from ..atomic import atomic_directory, atomic_write_text, fsync_dir
 from ..config import DataConfig
 from ..errors import UserError
 from ..tokenizer import (BPETokenizer, ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
@@ -192,7 +192,7 @@ def write_prepared(sources: list[Source], out_dir: str | os.PathLike, *, tokeniz
                    progress: bool = True, extra_meta: Optional[dict[str, Any]] = None) -> PreparedData:
     """Tokenize ``sources`` into ``out_dir`` (``tokenizer`` is a kind, or a ready Tokenizer to reuse)."""
     if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"--val_fraction must be in (0, 1), got {val_fraction}; 0.1 is the default")
+        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}; 0.1 is the default")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -247,8 +247,8 @@ def load_prepared(directory: str | os.PathLike) -> PreparedData:
     """Open a directory written by ``mini-transformer prepare`` (or the training cache)."""
     d = Path(directory)
     if not is_prepared_dir(d):
-        raise UserError(f"{str(d)!r} is not a prepared dataset (no {META_FILE}); create it with "
-                        f"mini-transformer prepare --input FILE --out {d}")
+        raise UserError(f"{str(d)!r} is not a prepared dataset (no {META_FILE}); prepare text into it "
+                        "first, or use a directory that was prepared")
     try:
         meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
         dtype = np.dtype(meta["dtype"])
@@ -359,29 +359,17 @@ def _prepare_dataset(data: DataConfig, tokenizer: Optional[Tokenizer], progress:
     final = cache / f"{name}-{kind}-{key[:16]}"
     if is_prepared_dir(final):
         return load_prepared(final)
-    tmp = Path(tempfile.mkdtemp(dir=_mkdir(cache), prefix=f".{final.name}."))
-    try:
-        write_prepared(sources, tmp, tokenizer=tokenizer if tokenizer is not None else kind, vocab_size=data.bpe_vocab_size,
-                       train_bytes=data.bpe_train_bytes,
+    # The cache entry appears complete or not at all; a concurrent writer that finished first
+    # wrote the same files (the key names their inputs), so its entry is kept.
+    with atomic_directory(final, if_exists="keep") as tmp:
+        write_prepared(sources, tmp, tokenizer=tokenizer if tokenizer is not None else kind,
+                       vocab_size=data.bpe_vocab_size, train_bytes=data.bpe_train_bytes,
                        val_fraction=data.val_fraction, chunk_size=chunk_size, progress=progress,
                        extra_meta={"cache_key": key})
-        try:
-            os.rename(tmp, final)  # atomic: the cache entry appears complete or not at all
-        except OSError:
-            if not is_prepared_dir(final):  # not a concurrent writer that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    fsync_dir(cache)
     return load_prepared(final)
 
 
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def prepare_inputs(inputs: list[str], out_dir: str | os.PathLike, **kwargs: Any) -> PreparedData:
-    """``mini-transformer prepare --input ...``: files, directories, globs or ``-`` into ``out_dir``."""
+    """Input paths (files, directories, globs, or ``-`` for standard input) prepared into ``out_dir``."""
     with open_inputs(inputs) as sources:
         return write_prepared(sources, out_dir, **kwargs)

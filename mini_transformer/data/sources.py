@@ -1,8 +1,8 @@
 """Where text comes from, and how it is streamed: input files, standard input, named datasets.
 
 A corpus is an ordered list of :class:`Source` files, read as one stream of bytes with
-``"\\n\\n"`` between files (as the seed README joins them). Everything here streams in blocks,
-so a corpus larger than memory is fine.
+``"\\n\\n"`` between files (a blank line, so one file's last paragraph never runs into the next
+file's first). Everything here streams in blocks, so a corpus larger than memory is fine.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Benchmarks that print tables: training and generation speed, memory, MFU, and the HF peer.
 
-Every speed is the median of several timed repetitions after warm-up; MFU is measured against
-the matmul ceiling of the same dtype, measured in the same run. Nothing here is a test: these
-functions return rows and the CLI prints them (``mini-transformer bench``).
+Every speed is the median of several timed repetitions after warm-up. MFU is the model's FLOPs
+per second over the throughput of a large matmul of the same dtype, measured on this machine at
+start-up (not the datasheet peak). Nothing here is a test: these functions return rows and the
+CLI prints them (``mini-transformer bench``).
 """
 
 from __future__ import annotations
@@ -16,15 +17,19 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+from .atomic import atomic_write_text
 from .config import Config, ModelConfig, load_config
 from .device import autocast, cpu_flags, cpuinfo_field, dtype_name, resolve_device, resolve_dtype
+from .errors import UserError
+from .generation import generate
 from .model import Transformer
 from .profile import (
     count_parameters, flops_per_token, human_bytes, measure_matmul_flops, measure_training_step_peak, synchronize,
 )
 
-VOCAB_SIZE = 65  # Tiny Shakespeare's characters: the setting of the seed's table
+VOCAB_SIZE = 65  # Tiny Shakespeare's characters: the setting of the model-size table
 
 
 @dataclass
@@ -133,8 +138,6 @@ def _our_loss(model, x, y):
 
 def our_generation_fn(model: Transformer, prompt: list[int], new_tokens: int, use_cache: bool = True,
                       compile_model: bool = False):
-    from .generation import generate
-
     def run() -> None:
         out = generate(model, prompt, max_new_tokens=new_tokens, temperature=0.0, use_cache=use_cache,
                        compile=compile_model)
@@ -184,7 +187,7 @@ def bench_preset(preset: str, settings: BenchSettings) -> dict[str, Any]:
 
 def bench_table(rows: list[dict[str, Any]]) -> str:
     header = ("| preset | parameters | peak memory (train step) | with grad. checkpointing | train tokens/s "
-              "| MFU | generate tokens/s (batch 1, KV-cache) |")
+              "| MFU (vs measured matmul) | generate tokens/s (batch 1, KV-cache) |")
     lines = [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         mem = human_bytes(r["peak_memory_bytes"]) if "peak_memory_bytes" in r else "-"
@@ -194,15 +197,27 @@ def bench_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def mfu_note(rows: list[dict[str, Any]]) -> str:
+    """What the MFU column divides by: the matmul throughput measured at start-up, quoted."""
+    low, high = (_flop_rate(f(r["matmul_peak_flops"] for r in rows)) for f in (min, max))
+    rate = low if low == high else f"{low} to {high}"
+    return (f"MFU: the model's training FLOPs per second over the throughput of a large {rows[0]['dtype']} "
+            f"matmul measured on this machine at start-up ({rate}), not the datasheet peak.")
+
+
+def _flop_rate(flops_per_s: float) -> str:
+    if flops_per_s >= 1e12:
+        return f"{flops_per_s / 1e12:.3g} TFLOP/s"
+    return f"{flops_per_s / 1e9:.3g} GFLOP/s"
+
+
 # -- the peer: Hugging Face LlamaForCausalLM with the same dimensions -----------------------------
 
 def hf_llama_like(config: ModelConfig):
     """LlamaForCausalLM with our dimensions: RMSNorm, RoPE, SwiGLU of the same hidden size, tied."""
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
-    except ImportError:
-        from .errors import UserError
-
+    except ImportError:  # an optional dependency (the hf extra)
         raise UserError("--compare hf needs transformers: pip install 'mini-transformer[hf]'") from None
     hf_config = LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.hidden_size,
@@ -276,8 +291,6 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_results(out_dir: Path, name: str, markdown: str, rows: list[dict[str, Any]], machine: str) -> None:
-    from .atomic import atomic_write_text
-
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / f"{name}.md", f"Machine: {machine}\n\n{markdown}\n")
     atomic_write_text(out_dir / f"{name}.json", json.dumps({"machine": machine, "rows": rows}, indent=2))
@@ -287,8 +300,6 @@ def profile_training(preset: str, out_path: Path, steps: int = 3, batch_size: in
                      block_size: Optional[int] = None, dtype_spec: str = "auto",
                      device_spec: str = "auto") -> str:
     """A torch.profiler Chrome trace of a few training steps; returns the top-operator table."""
-    from torch.profiler import ProfilerActivity, profile
-
     device = resolve_device(device_spec)
     dtype = resolve_dtype(dtype_spec, device)
     config = preset_model_config(preset, block_size)

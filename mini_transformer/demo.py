@@ -17,6 +17,9 @@ from typing import Optional
 from .config import load_config
 from .errors import UserError
 
+# The pipeline, the training loop and the engine (and torch) are imported where they are used:
+# --help and a missing input file answer at once.
+
 OUT_DIR = "out-demo"
 TIME_BUDGET_S = 120.0  # training stops here at the latest, then evaluates and saves
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from .atomic import atomic_write
 from .errors import UserError
+from .training.metrics import read_metrics
 
 MAX_LABELLED_TOKENS = 48  # beyond this, tick labels are unreadable; the axes stay unlabelled
 
@@ -32,8 +33,6 @@ def pyplot():
 
 def plot_run(out_dir: str | Path) -> list[Path]:
     """Write ``loss.png`` and ``lr_grad_norm.png`` into ``out_dir`` from its ``metrics.jsonl``."""
-    from .training.metrics import read_metrics
-
     out = Path(out_dir)
     if not (out / "metrics.jsonl").is_file():
         raise UserError(f"no metrics.jsonl in {str(out)!r}; pass the training.out_dir of a run")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .common import add_command, add_config_arguments, config_from_args
 
+# Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
+
 EXAMPLES = """\
   mini-transformer finetune --checkpoint out --data.path data/other.txt --training.out_dir out-lora
   mini-transformer finetune --checkpoint out --config lora.yaml --advanced.lora_rank 16

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .common import add_command
 
+# Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
+
 EXAMPLES = """\
   mini-transformer merge --checkpoint out --adapter out-finetune/adapter --out out-merged
   python generate.py --checkpoint out-merged --prompt "ROMEO:"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .common import add_command
 
+# The plotting code (numpy, matplotlib) is imported by run(): the parser, and so --help, stays fast.
+
 EXAMPLES = """\
   mini-transformer plot out
   mini-transformer plot out-shakespeare && xdg-open out-shakespeare/loss.png

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import UserError
 from .common import add_command
+
+# Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
 
 EXAMPLES = """\
   mini-transformer prepare --input data/input.txt --tokenizer char --out data/shakespeare_char
@@ -68,7 +71,6 @@ def _default_out(args) -> Path:
 
 def run(args, overrides: list[str]) -> int:
     from ..data import check_split_lengths, dataset_sources, prepare_inputs, write_prepared
-    from ..errors import UserError
 
     if args.chunk_size <= 0:
         raise UserError(f"--chunk_size must be positive, got {args.chunk_size}")
@@ -77,6 +79,8 @@ def run(args, overrides: list[str]) -> int:
     out = Path(args.out) if args.out else _default_out(args)
     if args.bpe_train_bytes is not None and args.bpe_train_bytes <= 0:
         raise UserError(f"--bpe_train_bytes must be positive, got {args.bpe_train_bytes}")
+    if not 0.0 < args.val_fraction < 1.0:  # checked here too, so that the message names the flag
+        raise UserError(f"--val_fraction must be in (0, 1), got {args.val_fraction}; 0.1 is the default")
     options = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size, train_bytes=args.bpe_train_bytes,
                    val_fraction=args.val_fraction,
                    chunk_size=args.chunk_size, progress=not args.quiet)

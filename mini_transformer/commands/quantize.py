@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .common import add_command
 
+# Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
+
 EXAMPLES = """\
   mini-transformer quantize --checkpoint out --mode int8 --out out-int8
   mini-transformer quantize --checkpoint out --mode int4 --group_size 64 --out out-int4

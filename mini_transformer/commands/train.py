@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .common import add_command, add_config_arguments, config_from_args
 
+# Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
+
 EXAMPLES = """\
   python train.py --config config.yaml
   python train.py --config config.yaml --resume

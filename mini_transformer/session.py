@@ -99,7 +99,7 @@ class Settings:
         return {name: getattr(self, name) for name in SAMPLING_SETTINGS}
 
     def seed_for(self, index: int) -> Optional[int]:
-        """The seed of sample (or turn) ``index``: different samples, each reproducible."""
+        """The RNG seed for sample (or turn) ``index``: different samples, each reproducible."""
         return None if self.seed is None else self.seed + index
 
     def describe(self) -> str:

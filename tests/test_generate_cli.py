@@ -150,7 +150,7 @@ def test_speculative_with_a_draft_checkpoint_prints_acceptance(run_cli, ckpt, tm
     assert "acceptance" in err and "speedup" in err
 
 
-def test_help_lists_the_seed_flags_and_examples(capsys):
+def test_help_lists_the_flags_and_examples(capsys):
     from mini_transformer.cli import main
 
     with pytest.raises(SystemExit):

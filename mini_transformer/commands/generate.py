@@ -14,14 +14,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from ..config import AdvancedConfig, Config, merge_into, parse_overrides
 from ..errors import UserError
 from .common import add_command
 
-# The session (and through it torch) is imported when the command runs, not when its parser is
-# built: `mini-transformer --help` stays fast.
+# The session (and through it torch) and yaml are imported when the command runs, not when its
+# parser is built: `mini-transformer --help` stays fast.
 if TYPE_CHECKING:
     from ..generation import SpeculativeStats
     from ..session import InvalidSetting, Prompt, Session, TextStream
@@ -136,6 +134,8 @@ def with_flag(exc: InvalidSetting) -> UserError:
 
 def read_config_sections(path: str | None, overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The raw sections of ``--config`` and of the dotted overrides that generation may use."""
+    import yaml
+
     file_raw: dict[str, Any] = {}
     if path:
         p = Path(path)

@@ -15,7 +15,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from mini_transformer.config import ModelConfig
 from mini_transformer.errors import UserError
-from mini_transformer.model import Transformer
+from mini_transformer.model import KVCache, Transformer
 from mini_transformer.quantize import (
     KERNEL_MAX_ROWS, QUANTIZATION_FILE, Int4Linear, Int8Linear, QuantizedEmbedding, build_quantized_model,
     dequantize_int4, dequantize_int8, load_quantized, pack_int4, quantization_meta, quantize_int4, quantize_int8,
@@ -166,8 +166,8 @@ def test_tied_embedding_shares_one_quantized_table(model, idx, mode):
     rows = q.tok_emb(idx)  # (B, T, C)
     torch.testing.assert_close(rows, q.lm_head.dequantize()[idx])
     assert rel_error(q(idx).logits, model(idx).logits) < (0.03 if mode == "int8" else 0.15)
-    q.setup_kv_cache(1)  # reads tok_emb.weight for dtype and device
-    q.clear_kv_cache()
+    cache = KVCache.for_model(q, 1)  # the model's dtype and device, read without dequantizing the table
+    assert (cache.dtype, cache.device) == (q.dtype, q.device)
 
 
 def test_untied_embedding_gets_its_own_table(idx):

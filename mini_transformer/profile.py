@@ -1,20 +1,11 @@
 """Model profiling: parameter counts, FLOPs, memory, and the measured peak of a training step.
 
-FLOPs per token follow the usual accounting (Kaplan et al. 2020, nanoGPT, PaLM appendix B):
-a matmul with an (m x n) weight costs 2mn FLOPs per token forward and 4mn backward, so
-
-    forward  = 2 * N_matmul + 4 * n_layers * T * d_model
-    training = 6 * N_matmul + 12 * n_layers * T * d_model
-
-N_matmul is every weight that takes part in a matmul: the non-embedding parameters in the
-blocks plus the LM head (vocab x d_model, counted even when tied, since the product is computed).
-Norm parameters are left out (they cost O(d) per token). T is the context (``block_size``); the
-attention term counts the full T x T scores, as the kernels compute them.
+Parameter counts, FLOPs per token and the matmul probe live in :mod:`.training.flops` (the
+training loop reports MFU with them); they are imported here under the same names.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing as mp
 import resource
 import sys
@@ -23,44 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config, ModelConfig
-
-
-@dataclass
-class ParameterCount:
-    total: int
-    embedding: int
-    non_embedding: int
-    matmul: int  # weights used in matmuls per token: blocks + LM head
-
-
-def count_parameters(config: ModelConfig) -> ParameterCount:
-    """Analytic parameter count; equals ``Transformer(config).num_parameters()``."""
-    d, h, V, L = config.d_model, config.hidden_size, config.vocab_size or 0, config.n_layers
-    qkv_out = (config.n_heads + 2 * config.kv_heads) * config.head_dim
-    b = 1 if config.bias else 0
-    attn = d * qkv_out + b * qkv_out + d * d + b * d
-    ffn = d * 2 * h + b * 2 * h + h * d + b * d
-    norm = d if config.norm == "rmsnorm" else d * (1 + b)
-    per_layer = attn + ffn + 2 * norm
-    embedding = V * d
-    head = 0 if config.tie_embeddings else V * d
-    non_embedding = L * per_layer + norm + head
-    matmul_per_layer = d * qkv_out + d * d + d * 2 * h + h * d
-    return ParameterCount(
-        total=embedding + non_embedding,
-        embedding=embedding,
-        non_embedding=non_embedding,
-        matmul=L * matmul_per_layer + V * d,
-    )
-
-
-def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> tuple[float, float]:
-    """(forward, training step) FLOPs per token at context ``seq_len`` (default block_size)."""
-    T = seq_len or config.block_size
-    n = count_parameters(config).matmul
-    attention = 4 * config.n_layers * T * config.d_model
-    forward = 2 * n + attention
-    return float(forward), float(3 * forward)
+from .training.flops import (  # noqa: F401  (also this module's public names, as before)
+    ParameterCount, count_parameters, flops_per_token, measure_matmul_flops, synchronize,
+)
 
 
 @dataclass
@@ -239,58 +195,3 @@ def format_table(rows: list[tuple[str, str]], headers: tuple[str, str] = ("quant
     lines = [f"| {headers[0]:<{width0}} | {headers[1]:<{width1}} |", f"| {'-' * width0} | {'-' * width1} |"]
     lines += [f"| {a:<{width0}} | {b:<{width1}} |" for a, b in rows]
     return "\n".join(lines)
-
-
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int | None = None,
-                         min_seconds: float = 0.45) -> float:
-    """This device's matmul throughput (FLOP/s) for ``dtype``: the ceiling MFU is measured against.
-
-    The fastest of the single products timed over the last two thirds of ``min_seconds``: a
-    ceiling is what the device can do, and on a shared machine the median of a short burst can
-    catch a busy moment (MFU above 100% in the progress bar). The product is 1024 square on CPU
-    and 8192 square on a GPU (4096 with under 3 GiB free), which a 1024 product leaves mostly
-    idle. Inputs are random, from a private generator: constant or zero inputs run faster than
-    real data on some GPUs, and the global RNG stays untouched (resumed runs stay exact).
-    """
-    if size is None:
-        size = 1024
-        if device.type == "cuda":
-            # Three 8192 x 8192 matrices take 768 MiB in fp32: smaller where memory is short.
-            free, _ = torch.cuda.mem_get_info(device)
-            size = 8192 if free > 4 * 3 * 8192**2 * 4 else 4096
-    generator = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn((size, size), device=device, dtype=dtype, generator=generator)
-    b = torch.randn((size, size), device=device, dtype=dtype, generator=generator)
-    try:
-        return _fastest_matmul_rate(a, b, device, min_seconds)
-    finally:
-        del a, b
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # give the probe's blocks back before training allocates
-
-
-def _fastest_matmul_rate(a: torch.Tensor, b: torch.Tensor, device: torch.device, min_seconds: float) -> float:
-    import time
-
-    size = a.shape[0]
-    # Warm up for a third of the time: the first products of a process run slower (thread pool
-    # start-up, clocks ramping).
-    start = time.perf_counter()
-    while time.perf_counter() - start < min_seconds / 3:
-        torch.mm(a, b)
-        synchronize(device)
-    fastest, start = float("inf"), time.perf_counter()
-    while True:
-        begin = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(device)
-        end = time.perf_counter()
-        fastest = min(fastest, end - begin)
-        if end - start >= min_seconds:
-            return 2 * size**3 / fastest
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA is asynchronous), so timings measure it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -5,6 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from mini_transformer.config import ModelConfig, load_config
 from mini_transformer.model import Transformer
 from mini_transformer.profile import count_parameters, estimate_memory, flops_per_token
+
+from .conftest import REPO_ROOT
 
 
 @pytest.mark.parametrize("overrides", [
@@ -41,6 +46,7 @@ def test_memory_estimate_components():
     assert checkpointed.activations < estimate.activations / 2
 
 
+@pytest.mark.slow  # measures a training step in a fresh process
 def test_profile_command_prints_table(run_cli):
     status, out, _ = run_cli("profile", "--preset", "tiny", "--training.batch_size", "2")
     assert status == 0
@@ -83,3 +89,11 @@ def test_tf32_is_allowed_on_cuda_only_and_restored():
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_training_does_not_import_the_profile_module():
+    """profile.py (tables, memory estimates) builds on training.flops, never the other way round."""
+    code = ("import sys, mini_transformer.training.loop; "
+            "assert 'mini_transformer.profile' not in sys.modules, 'training imports profile'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

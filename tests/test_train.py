@@ -16,6 +16,7 @@ from mini_transformer import checkpoint as ckpt
 from mini_transformer.config import Config, TrainingConfig, ModelConfig, load_config
 from mini_transformer.errors import UserError
 from mini_transformer.training import train
+from mini_transformer.training.flops import flops_per_token
 from mini_transformer.training.loop import Trainer
 from mini_transformer.training.schedule import dropout_at, learning_rate_at
 
@@ -267,6 +268,9 @@ def test_metrics_checkpoint_layout_and_plot(tmp_path):
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "train_loss" in r]
     assert {"iter", "train_loss", "lr", "grad_norm", "tokens_per_s"} <= steps[0].keys()
+    # mfu: the model's FLOP rate over the matmul rate measured at start-up, logged beside it.
+    train_flops = flops_per_token(ckpt.read_config(out).model)[1]
+    assert all(r["mfu"] == pytest.approx(train_flops * r["tokens_per_s"] / r["matmul_flops_per_s"]) for r in steps)
     evals = [r for r in records if "val_loss" in r]
     assert evals and all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
     assert records[-1].get("final") and records[-1]["final_val_loss"] == pytest.approx(result.final_val_loss)

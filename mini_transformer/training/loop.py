@@ -28,10 +28,10 @@ from ..config import Config
 from ..device import allow_tf32_on_cuda, autocast, dtype_name, resolve_device, resolve_dtype, restore_tf32
 from ..errors import UserError
 from ..model import Transformer
-from ..profile import count_parameters, flops_per_token, measure_matmul_flops
 from .distributed import (DistributedContext, all_reduce_mean, checkpointable_model,
                           full_optimizer_state_dict, gradient_sync, init_distributed, load_full_optimizer_state,
                           local_scalar, shutdown, wrap_model)
+from .flops import count_parameters, flops_per_token, measure_matmul_flops, model_flops_utilization
 from .metrics import MetricsLogger
 from .optim import build_optimizer
 from .schedule import dropout_at, learning_rate_at
@@ -424,8 +424,12 @@ class Trainer:
         t, m = self.t, self.config.model
         started = time.perf_counter()
         result = TrainResult(self.out_dir, self.step, self.best_val_loss, None)
-        peak_flops = measure_matmul_flops(self.device, self.dtype)
-        flops_per_step = flops_per_token(m)[1] * t.batch_size * m.block_size * t.gradient_accumulation_steps
+        # MFU's ceiling: this device's matmul rate in the training dtype, timed now. It is lower
+        # than the hardware's rated peak, which real matmuls rarely reach.
+        matmul_flops_per_s = measure_matmul_flops(self.device, self.dtype)
+        self._say(f"mfu: the model's FLOP rate over this device's {dtype_name(self.dtype)} matmul rate, measured "
+                  f"now at {matmul_flops_per_s / 1e12:.3g} TFLOP/s (not the hardware's rated peak)")
+        train_flops_per_token = flops_per_token(m)[1]
         tokens_per_step = t.batch_size * m.block_size * t.gradient_accumulation_steps * self.dist.world_size
         self.model.train()
         bar = tqdm(total=t.max_iters, initial=self.step, disable=not (self.progress and self.dist.is_main),
@@ -458,12 +462,15 @@ class Trainer:
                 if log_step:
                     now = time.perf_counter()
                     tokens_per_s = tokens_per_step * (self.step - last_log_step) / max(now - last_log_time, 1e-9)
-                    mfu = flops_per_step * tokens_per_s / tokens_per_step / peak_flops
+                    mfu = model_flops_utilization(train_flops_per_token, tokens_per_s / self.dist.world_size,
+                                                  matmul_flops_per_s)
                     last_log_time, last_log_step = now, self.step
-                    bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s mfu {mfu:.1%}")
+                    bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s "
+                                        f"mfu {mfu:.1%} of measured matmul")
+                    # mfu's denominator goes with it: a figure of this machine, not a spec sheet's.
                     self._record({"iter": self.step, "train_loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                  "tokens_per_s": tokens_per_s, "mfu": mfu, "dropout": dropout,
-                                  "time_s": now - started})
+                                  "tokens_per_s": tokens_per_s, "mfu": mfu, "matmul_flops_per_s": matmul_flops_per_s,
+                                  "dropout": dropout, "time_s": now - started})
                 if eval_step:
                     improved = self._evaluate(lr, bar)
                     if improved or t.always_save_checkpoint or last_step:

@@ -15,7 +15,7 @@ Attention variants, by how many query heads share one key/value head::
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -71,25 +71,81 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # -- KV-cache -------------------------------------------------------------------------------
 
-class KVCache(nn.Module):
-    """Preallocated keys and values for one attention layer, written at the given positions."""
+class LayerKVCache(nn.Module):
+    """Preallocated keys and values of one attention layer, written at the given slots."""
 
     def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None = None):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_len, head_dim)
+        # Buffers, so that a compiled decode step taking the cache as an argument treats them as
+        # static inputs (what a CUDA graph needs to replay its in-place writes).
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, K, T, D) at ``input_pos`` (T,); return the whole cache (B, K, L, D)."""
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k, self.v
+
+
+class KVCache(nn.Module):
+    """The keys and values of every layer for a batch of sequences, passed to
+    :meth:`Transformer.forward`.
+
+    The model keeps no state between calls: whoever generates owns the cache (one per running
+    generation), so several generations can use one model at the same time. Slots are written
+    where ``input_pos`` says; which slots hold valid tokens is the owner's bookkeeping (the
+    model masks the slots after each query's own).
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(LayerKVCache(batch_size, max_len, n_kv_heads, head_dim, dtype, device)
+                                    for _ in range(n_layers))
+
+    @classmethod
+    def for_model(cls, model: "Transformer", batch_size: int, max_len: Optional[int] = None,
+                  dtype: Optional[torch.dtype] = None) -> "KVCache":
+        """A zeroed cache of ``max_len`` (default block_size) slots in the model's dtype and device."""
+        config = model.config
+        max_len = max_len or config.block_size
+        if max_len > config.block_size:
+            raise ValueError(f"KV-cache length {max_len} exceeds block_size {config.block_size}")
+        return cls(config.n_layers, batch_size, max_len, config.kv_heads, config.head_dim,
+                   dtype or model.dtype, model.device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].k.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.layers[0].k.shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].k.device
+
+    def fits(self, model: "Transformer", batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None) -> bool:
+        """Whether this cache has the shape, dtype and device ``for_model`` would give."""
+        config = model.config
+        return (len(self.layers) == config.n_layers and self.layers[0].k.shape
+                == (batch_size, config.kv_heads, max_len, config.head_dim)
+                and self.dtype == (dtype or model.dtype) and self.device == model.device)
+
+    def zero_(self) -> "KVCache":
+        """Clear every slot in place (the tensors keep their addresses)."""
+        for layer in self.layers:
+            layer.k.zero_()
+            layer.v.zero_()
+        return self
 
 
 # -- layers ---------------------------------------------------------------------------------
@@ -118,19 +174,20 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.kv_cache: Optional[KVCache] = None
 
     def forward(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        cache: Optional[LayerKVCache] = None,
         input_pos: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``mask`` (bool, broadcastable to (B, H, T, L), True = may attend) replaces the plain
-        causal mask; :meth:`Transformer._run` builds it once for all layers."""
+        """``cache``: this layer's KV-cache, written at slots ``input_pos`` (T,). ``mask`` (bool,
+        broadcastable to (B, H, T, L), True = may attend) replaces the plain causal mask;
+        :meth:`Transformer._run` builds it once for all layers."""
         B, T, C = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * K, D)
@@ -139,8 +196,8 @@ class CausalSelfAttention(nn.Module):
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, D)
         k = qk[:, :, H:].transpose(1, 2)  # (B, K, T, D)
         v = qkv[:, :, H + K:].transpose(1, 2)  # (B, K, T, D)
-        if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, K, L, D), L = cache length
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v)  # (B, K, L, D), L = cache length
 
         is_causal = mask is None
         dropout_p = self.attn_dropout.p if self.training else 0.0
@@ -226,8 +283,8 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(config)
         self.ffn = SwiGLU(config)
 
-    def forward(self, x, cos, sin, input_pos=None, mask=None, need_weights=False):
-        attn_out, weights = self.attn(self.attn_norm(x), cos, sin, input_pos, mask, need_weights)
+    def forward(self, x, cos, sin, cache=None, input_pos=None, mask=None, need_weights=False):
+        attn_out, weights = self.attn(self.attn_norm(x), cos, sin, cache, input_pos, mask, need_weights)
         x = x + attn_out
         x = x + self.ffn(self.ffn_norm(x))
         return x, weights
@@ -286,48 +343,13 @@ class Transformer(nn.Module):
         """The floating-point dtype the model computes in (its norms', even when quantized)."""
         return self.norm.weight.dtype
 
-    # -- KV-cache -------------------------------------------------------------------------
-    def setup_kv_cache(self, batch_size: int, max_len: Optional[int] = None,
-                       dtype: Optional[torch.dtype] = None, reuse: Sequence[Optional[KVCache]] = ()) -> None:
-        """Preallocate a KV-cache of ``max_len`` (default block_size) slots in every layer.
-
-        ``reuse``: caches returned by :meth:`clear_kv_cache`; each one of the right shape, dtype
-        and device is zeroed and used again, keeping its memory address (what a recorded CUDA
-        graph reads).
-        """
-        max_len = max_len or self.config.block_size
-        if max_len > self.config.block_size:
-            raise ValueError(f"KV-cache length {max_len} exceeds block_size {self.config.block_size}")
-        param = self.tok_emb.weight
-        dtype = dtype or param.dtype
-        shape = (batch_size, self.config.kv_heads, max_len, self.config.head_dim)
-        for i, block in enumerate(self.blocks):
-            old = reuse[i] if i < len(reuse) else None
-            if old is not None and old.k.shape == shape and old.k.dtype == dtype and old.k.device == param.device:
-                old.k.zero_()
-                old.v.zero_()
-                block.attn.kv_cache = old
-            else:
-                block.attn.kv_cache = KVCache(batch_size, max_len, self.config.kv_heads,
-                                              self.config.head_dim, dtype, param.device)
-
-    def clear_kv_cache(self) -> list[Optional[KVCache]]:
-        """Detach every layer's KV-cache; returns them, for ``setup_kv_cache(reuse=...)``."""
-        caches = [block.attn.kv_cache for block in self.blocks]
-        for block in self.blocks:
-            block.attn.kv_cache = None
-        return caches
-
-    @property
-    def has_kv_cache(self) -> bool:
-        return self.blocks[0].attn.kv_cache is not None if len(self.blocks) else False
-
     # -- forward --------------------------------------------------------------------------
     def forward(
         self,
         idx: torch.Tensor,
         targets: Optional[torch.Tensor] = None,
         *,
+        kv_cache: Optional[KVCache] = None,
         input_pos: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         attn_mask: Optional[torch.Tensor] = None,
@@ -337,14 +359,18 @@ class Transformer(nn.Module):
 
         Args:
             targets: (B, T) next-token ids for the loss; -1 marks positions to ignore.
-            input_pos: (T,) cache slots of these tokens; uses the KV-cache (see
-                :meth:`setup_kv_cache`). Without it, the call is a plain causal forward.
+            kv_cache: the caller's :class:`KVCache`; these tokens' keys and values are written
+                at slots ``input_pos`` and each query sees the slots up to its own. Without
+                it, the call is a plain causal forward over ``idx``.
+            input_pos: (T,) cache slots of these tokens (needed with ``kv_cache``).
             position_ids: (B, T) rotary positions per row, when they differ from the slots
                 (left-padded batches). Defaults to ``input_pos`` or ``0..T-1``.
             attn_mask: (B, L) bool, False for key slots a row must not see (its padding).
             logits_to_keep: compute logits only for the last N positions (0: all).
         """
-        x, _ = self._run(idx, input_pos, position_ids, attn_mask, need_weights=False)
+        if kv_cache is not None and input_pos is None:
+            raise ValueError("a forward with kv_cache needs input_pos, the cache slots of the tokens")
+        x, _ = self._run(idx, kv_cache, input_pos, position_ids, attn_mask, need_weights=False)
         hidden = x
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
@@ -358,12 +384,12 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def attention_maps(self, idx: torch.Tensor) -> list[torch.Tensor]:
         """Attention weights of every layer, each (B, H, T, T), through the explicit math path."""
-        _, weights = self._run(idx, None, None, None, need_weights=True)
+        _, weights = self._run(idx, None, None, None, None, need_weights=True)
         return weights
 
-    def _run(self, idx, input_pos, position_ids, attn_mask, need_weights):
+    def _run(self, idx, kv_cache, input_pos, position_ids, attn_mask, need_weights):
         B, T = idx.shape
-        if input_pos is None and T > self.config.block_size:
+        if kv_cache is None and T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         positions = position_ids if position_ids is not None else input_pos
         if positions is None:
@@ -371,24 +397,27 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, D) or (B, T, D)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, D) or (B, T, 1, D): over heads
-        mask = self._attention_mask(T, idx.device, input_pos, attn_mask)
+        mask = self._attention_mask(T, idx.device, kv_cache, input_pos, attn_mask)
         x = self.emb_dropout(self.tok_emb(idx))  # (B, T, C)
         all_weights = []
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training and input_pos is None:
-                x, weights = checkpoint(block, x, cos, sin, None, mask, need_weights, use_reentrant=False)
+        for i, block in enumerate(self.blocks):
+            if kv_cache is not None:
+                x, weights = block(x, cos, sin, kv_cache.layers[i], input_pos, mask, need_weights)
+            elif self.gradient_checkpointing and self.training:
+                x, weights = checkpoint(block, x, cos, sin, None, None, mask, need_weights, use_reentrant=False)
             else:
-                x, weights = block(x, cos, sin, input_pos, mask, need_weights)
+                x, weights = block(x, cos, sin, None, None, mask, need_weights)
             all_weights.append(weights)
         return self.norm(x), all_weights
 
-    def _attention_mask(self, T: int, device, input_pos: Optional[torch.Tensor],
+    @staticmethod
+    def _attention_mask(T: int, device, kv_cache: Optional[KVCache], input_pos: Optional[torch.Tensor],
                         attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The boolean mask every layer uses (True = may attend), or None for plain causal."""
-        if self.has_kv_cache and input_pos is not None:
+        if kv_cache is not None:
             # Query t sits at cache slot input_pos[t]: it sees the slots up to its own. Later
             # slots hold stale keys from an earlier sequence.
-            slots = torch.arange(self.blocks[0].attn.kv_cache.max_len, device=device)
+            slots = torch.arange(kv_cache.max_len, device=device)
             mask = (slots[None, :] <= input_pos[:, None])[None, None]  # (1, 1, T, L)
         elif attn_mask is not None:
             mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]  # (1, 1, T, T)

@@ -16,12 +16,12 @@ import torch.nn as nn
 from mini_transformer.config import ModelConfig
 from mini_transformer.errors import UserError
 from mini_transformer.generation import (
-    PromptTruncatedWarning, SamplingParams, SpeculativeStats, StopStrings, TextStreamer,
+    CachedDecoder, KVCachePool, PromptTruncatedWarning, SamplingParams, SpeculativeStats, StopStrings, TextStreamer,
     apply_repetition_penalty, generate, generate_batch, generate_batch_stream, generate_stream,
     min_p_filter, next_token_probs, sample_next_token, save_attention, speculative_accept,
     speculative_generate, stream_text, top_k_filter, top_p_filter, truncate_at_stop,
 )
-from mini_transformer.model import Transformer
+from mini_transformer.model import KVCache, Transformer
 
 VOCAB = 61
 
@@ -48,6 +48,14 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     return tiny_model()
+
+
+def model_state(model: nn.Module) -> tuple:
+    """What generation must leave alone: mode, modules, tensors (by identity and version),
+    and no method replaced on an instance."""
+    tensors = [(name, id(t), t._version) for name, t in [*model.named_parameters(), *model.named_buffers()]]
+    patched = [name for name, m in model.named_modules() if "forward" in m.__dict__]
+    return model.training, [name for name, _ in model.named_modules()], tensors, patched
 
 
 # -- sampling filters against plain-Python references -------------------------------------
@@ -94,6 +102,20 @@ def test_top_p_matches_reference(p):
     for row, got in zip(logits.double().numpy(), kept(top_p_filter(logits, p))):
         assert got == ref_top_p(row, p)
         assert len(got) >= 1
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p_exactly():
+    # Three equal tokens: two of them reach p = 2/3 exactly, so the third is not needed.
+    assert kept(top_p_filter(torch.zeros(1, 3), 2 / 3)) == [{0, 1}]  # ties: the lower ids survive
+    assert kept(top_p_filter(torch.zeros(1, 4), 0.5)) == [{0, 1}]
+    assert kept(top_p_filter(torch.zeros(1, 4), 0.5 + 1e-9)) == [{0, 1, 2}]
+    # Random vocabulary-1000 rows against the float64 reference (a float32 running sum missed
+    # the boundary in about 1 row in 300).
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1500, 1000, generator=gen) * 3
+    ps = torch.rand(1500, generator=gen).tolist()
+    for row, p in zip(logits, ps):
+        assert kept(top_p_filter(row[None], p))[0] == ref_top_p(row.double().numpy(), p)
 
 
 @pytest.mark.parametrize("min_p", [0.0, 0.05, 0.2, 0.9])
@@ -154,7 +176,6 @@ def test_generation_runs_past_block_size_with_sliding_window(model):
     uncached = generate(model, prompt, max_new_tokens=n, temperature=0, use_cache=False)
     assert len(cached) == n
     assert cached == uncached  # both apply the same window rule
-    assert not model.has_kv_cache  # the cache is released afterwards
 
 
 def test_the_window_slides_to_the_last_context_keep_tokens(model):
@@ -190,6 +211,7 @@ def test_batch_equals_single_for_prompts_of_different_lengths(model):
     assert generate_batch(model, prompts, max_new_tokens=40, temperature=0, use_cache=False) == alone
 
 
+@pytest.mark.slow  # compiles
 def test_compiled_decode_step_gives_the_eager_tokens():
     """torch.compile of the decode step: the same greedy tokens as eager, past the context window
     (re-prefills), in a left-padded batch, and for a second model of the same shape; one graph
@@ -222,42 +244,120 @@ def test_compiled_decode_step_gives_the_eager_tokens():
     assert [ref() for ref in alive] == [None, None]
 
 
+@pytest.mark.slow  # compiles
 def test_compiled_decoding_reuses_its_kv_cache_between_generations(monkeypatch):
-    """A CUDA graph reads the cache where it was recorded: decoding through one keeps a cache per
-    model and batch shape across generations (zeroed, same memory), not attached to the model.
-    Here the CPU's compile mode stands in for CUDA's reduce-overhead."""
-    from mini_transformer.generation import engine, release_decode_caches
+    """A CUDA graph reads the cache where it was recorded: a KVCachePool lends each generation a
+    cache and takes it back, so the next generation of that batch shape decodes through the same
+    (zeroed) memory; the model itself holds nothing."""
+    from mini_transformer.generation import engine
 
     model = tiny_model()
+    before = model_state(model)
+    pool = KVCachePool()
     prompt = [3, 14, 15, 9, 26]
-    generate(model, prompt, max_new_tokens=3, temperature=0, compile=True)
-    assert model not in engine._SPARE_CACHES  # plain compiled decoding on CPU keeps nothing
-    monkeypatch.setattr(engine, "CACHE_KEEPING_MODES", frozenset({"default"}))
-    first = generate(model, prompt, max_new_tokens=10, temperature=0, compile=True)
-    assert not model.has_kv_cache
-    spare = engine._SPARE_CACHES[model][(1, model.config.block_size)]
-    pointers = [cache.k.data_ptr() for cache in spare]
+    first = generate(model, prompt, max_new_tokens=10, temperature=0, compile=True, cache_pool=pool)
+    assert len(pool) == 1
+    (spare,) = pool._spare
+    pointers = [layer.k.data_ptr() for layer in spare.layers]
     seen = []
     real_prefill = engine.prefill
 
-    def recording_prefill(model, *args, **kwargs):
-        seen.append([block.attn.kv_cache.k.data_ptr() for block in model.blocks])
-        return real_prefill(model, *args, **kwargs)
+    def recording_prefill(model, kv_cache, *args, **kwargs):
+        seen.append([layer.k.data_ptr() for layer in kv_cache.layers])
+        return real_prefill(model, kv_cache, *args, **kwargs)
 
     monkeypatch.setattr(engine, "prefill", recording_prefill)
-    second = generate(model, [7, 1], max_new_tokens=10, temperature=0, compile=True)
+    second = generate(model, [7, 1], max_new_tokens=10, temperature=0, compile=True, cache_pool=pool)
     monkeypatch.setattr(engine, "prefill", real_prefill)
     assert seen == [pointers]
     assert second == generate(model, [7, 1], max_new_tokens=10, temperature=0)  # no stale keys
     assert first == generate(model, prompt, max_new_tokens=10, temperature=0)
-    # Another batch size gets caches of its own, and batch 1 keeps its set.
-    rows = generate_batch(model, [[5], [7, 8]], max_new_tokens=4, temperature=0, compile=True)
+    # Another batch size gets a cache of its own, and batch 1 keeps its one.
+    rows = generate_batch(model, [[5], [7, 8]], max_new_tokens=4, temperature=0, compile=True, cache_pool=pool)
     assert rows == generate_batch(model, [[5], [7, 8]], max_new_tokens=4, temperature=0)
-    kept = engine._SPARE_CACHES[model]
-    assert kept[(2, model.config.block_size)][0].k.shape[0] == 2
-    assert [cache.k.data_ptr() for cache in kept[(1, model.config.block_size)]] == pointers
-    release_decode_caches(model)
-    assert model not in engine._SPARE_CACHES
+    assert sorted(cache.batch_size for cache in pool._spare) == [1, 2]
+    assert [layer.k.data_ptr() for layer in pool.take(model, 1).layers] == pointers
+    pool.clear()
+    assert len(pool) == 0
+    assert model_state(model) == before
+
+
+def test_two_generations_run_on_one_model_at_the_same_time(model):
+    """Each stream owns its cache: interleaved streams, and streams in two threads, give exactly
+    the tokens each gives alone."""
+    import threading
+
+    prompts = [[1, 2, 3], [40, 41], [7]]
+    alone = [generate(model, p, max_new_tokens=50, temperature=0) for p in prompts]
+    sampled = generate(model, [5], max_new_tokens=50, seed=3)
+    pool = KVCachePool()
+    streams = [generate_stream(model, p, max_new_tokens=50, temperature=0, cache_pool=pool) for p in prompts]
+    streams.append(generate_stream(model, [5], max_new_tokens=50, seed=3, cache_pool=pool))
+    interleaved = [[] for _ in streams]
+    for _ in range(50):  # one token of each stream in turn, past the window (block_size 32)
+        for out, stream in zip(interleaved, streams):
+            out.append(next(stream))
+    assert interleaved == [*alone, sampled]
+    assert len(pool) == 0  # all four caches are still lent out
+    for stream in streams:
+        stream.close()
+    assert len(pool) == 4
+
+    results: dict[int, list[int]] = {}
+    def run(i: int) -> None:
+        results[i] = generate(model, prompts[i], max_new_tokens=50, temperature=0, cache_pool=pool)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [results[i] for i in range(len(prompts))] == alone
+
+
+def test_generation_reads_the_weights_as_they_are_at_each_step():
+    """A weight changed while a stream is open (a fine-tune step, a LoRA merge) is used by the
+    next token: nothing holds a stale copy of it."""
+    m = tiny_model(tie_embeddings=False)
+    prompt = [3, 14, 15]
+    stream = generate_stream(m, prompt, max_new_tokens=10, temperature=0)
+    taken = [next(stream) for _ in range(3)]
+    with torch.no_grad():
+        m.lm_head.weight.neg_()  # the head only shapes the logits, not the cached keys
+        m.blocks[-1].ffn.down.weight.mul_(1.5)  # this one changes the last layer's output too
+    following = next(stream)
+    stream.close()
+    # The cached keys of earlier tokens came from the old weights, so compare against a cache
+    # filled the same way: the old model for the prefix, the new one for the last token.
+    old = tiny_model(tie_embeddings=False)
+    cache = KVCache.for_model(old, 1)
+    decoder = CachedDecoder(old, cache)
+    decoder.prefill([prompt + taken[:-1]])
+    decoder.model = m
+    expected = decoder.extend(torch.tensor([[taken[-1]]]))[0, -1].argmax().item()
+    assert following == expected
+    unchanged = generate(old, prompt, max_new_tokens=4, temperature=0)
+    assert unchanged[:3] == taken and unchanged[3] != following  # the change did matter
+
+
+def test_generation_leaves_the_model_as_it_was(model):
+    before = model_state(model)
+    generate(model, [1, 2, 3], max_new_tokens=40, temperature=0)
+    generate_batch(model, [[5], [7, 8, 9]], max_new_tokens=40, temperature=0.8, seed=0, repetition_penalty=1.1)
+    speculative_generate(model, tiny_model(seed=1, n_layers=1), [1, 2], max_new_tokens=40, temperature=0)
+    assert model_state(model) == before
+
+
+def test_active_dropout_is_refused_and_the_mode_is_left_alone():
+    training = tiny_model(dropout=0.1).train()
+    with pytest.raises(UserError, match="model.eval"):
+        generate(training, [1, 2], max_new_tokens=3)
+    with pytest.raises(UserError, match="model.eval"):
+        speculative_generate(tiny_model(), training, [1, 2], max_new_tokens=3)
+    assert training.training
+    no_dropout = tiny_model().train()  # training mode without dropout computes what eval does
+    assert generate(no_dropout, [1, 2], max_new_tokens=5, temperature=0) == \
+        generate(tiny_model(), [1, 2], max_new_tokens=5, temperature=0)
+    assert no_dropout.training
 
 
 def test_batch_with_math_attention_does_not_produce_nan():
@@ -295,11 +395,13 @@ def test_batch_stream_marks_finished_rows_with_none(model):
 
 
 def test_stream_is_lazy_and_releases_the_cache_when_closed(model):
-    stream = generate_stream(model, [1, 2], max_new_tokens=100, temperature=0)
+    pool = KVCachePool()
+    stream = generate_stream(model, [1, 2], max_new_tokens=100, temperature=0, cache_pool=pool)
+    assert len(pool) == 0
     first = [next(stream) for _ in range(3)]
-    assert model.has_kv_cache
+    assert len(pool) == 0  # lent to the open stream
     stream.close()
-    assert not model.has_kv_cache
+    assert len(pool) == 1  # given back at once
     assert first == generate(model, [1, 2], max_new_tokens=3, temperature=0)
 
 
@@ -367,7 +469,7 @@ def test_stop_string_closes_the_generator(model):
     stop = full[10:13]
     text = "".join(stream_text(tokens, decode, stop=[stop]))
     assert text == full[:full.index(stop)]
-    assert not model.has_kv_cache
+    assert tokens.gi_frame is None  # the token stream was closed, so its cache is released
 
 
 # -- speculative decoding -----------------------------------------------------------------
@@ -388,7 +490,6 @@ def test_speculative_greedy_equals_target_greedy(model, gamma):
     got, stats = speculative_generate(model, draft, [1, 2, 3], max_new_tokens=n, gamma=gamma, temperature=0)
     assert got == expected
     assert stats.emitted == n and 0 <= stats.acceptance_rate <= 1
-    assert not model.has_kv_cache and not draft.has_kv_cache
 
 
 def test_speculative_with_a_shared_structure_draft_accepts_more(model):
@@ -454,22 +555,21 @@ class BigramModel(nn.Module):
 
     def __init__(self, table: torch.Tensor, block_size: int = 64):
         super().__init__()
-        self.config = ModelConfig(vocab_size=table.shape[0], block_size=block_size)
+        self.config = ModelConfig(vocab_size=table.shape[0], block_size=block_size, d_model=8, n_heads=1,
+                                  n_layers=1)
         self.tok_emb = nn.Embedding.from_pretrained(table)
-        self.cache_len = 0
-
-    def setup_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None, reuse=()) -> None:
-        self.cache_len = max_len or self.config.block_size
-
-    def clear_kv_cache(self) -> None:
-        self.cache_len = 0
 
     @property
-    def has_kv_cache(self) -> bool:
-        return self.cache_len > 0
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device
 
-    def forward(self, idx, targets=None, *, input_pos=None, position_ids=None, attn_mask=None, logits_to_keep=0):
-        assert input_pos is None or int(input_pos.max()) < self.cache_len  # never past the cache
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_emb.weight.dtype
+
+    def forward(self, idx, targets=None, *, kv_cache=None, input_pos=None, position_ids=None, attn_mask=None,
+                logits_to_keep=0):
+        assert input_pos is None or int(input_pos.max()) < kv_cache.max_len  # never past the cache
         logits = self.tok_emb(idx)
         return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits})
 
@@ -522,7 +622,10 @@ def test_attention_npz_and_png_are_written_with_the_right_shapes(model, tmp_path
     pytest.importorskip("matplotlib")
     ids = list(range(1, 10)) + generate(model, list(range(1, 10)), max_new_tokens=40, temperature=0)
     labels = [f"t{i}" for i in ids]
-    npz, png = save_attention(model, ids, tmp_path / "att", labels=labels)
+    from mini_transformer.plot import plot_attention_file  # the PNG is drawn outside generation
+
+    npz = save_attention(model, ids, tmp_path / "att", labels=labels)
+    png = plot_attention_file(npz)
     data = np.load(npz)
     T = model.config.block_size  # cropped to the context
     assert data["attention"].shape == (model.config.n_layers, model.config.n_heads, T, T)

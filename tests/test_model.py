@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mini_transformer.config import ModelConfig, default_ffn_hidden_size, load_config, preset_names
-from mini_transformer.model import Transformer, apply_rope, rope_cache
+from mini_transformer.model import KVCache, Transformer, apply_rope, rope_cache
 from mini_transformer.profile import count_parameters
 
 
@@ -42,11 +42,11 @@ def test_kv_cache_decoding_equals_full_forward(n_kv_heads, attention):
     model = Transformer(tiny_config(n_kv_heads=n_kv_heads, attention=attention)).eval()
     idx = torch.randint(0, 61, (3, 30))
     full = model(idx).logits
-    model.setup_kv_cache(batch_size=3)
+    cache = KVCache.for_model(model, batch_size=3)
     prompt = 11
-    pieces = [model(idx[:, :prompt], input_pos=torch.arange(prompt)).logits]
+    pieces = [model(idx[:, :prompt], kv_cache=cache, input_pos=torch.arange(prompt)).logits]
     for t in range(prompt, idx.shape[1]):
-        pieces.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t])).logits)
+        pieces.append(model(idx[:, t:t + 1], kv_cache=cache, input_pos=torch.tensor([t])).logits)
     cached = torch.cat(pieces, dim=1)
     assert (cached - full).abs().max().item() <= 1e-5
 
@@ -107,6 +107,7 @@ def test_auto_trains_short_bf16_sequences_on_cpu_with_the_explicit_path(monkeypa
         assert (p.grad - p_ref.grad).abs().max().item() <= 0.05 * scale + 1e-6, name
 
 
+@pytest.mark.slow  # compiles
 def test_auto_under_compile_uses_the_explicit_path_up_to_256_bf16_tokens_on_cpu():
     """Under torch.compile the explicit path's threshold is 256 tokens, 128 in eager mode. The
     traced graph (Dynamo only, no Inductor) shows which attention was taken."""

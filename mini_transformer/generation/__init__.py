@@ -9,8 +9,9 @@ iterators), :mod:`.streaming` (incremental detokenizer, stop strings), :mod:`.sp
 
 from .attention import attention_weights, save_attention
 from .engine import (
-    PromptTruncatedWarning, decode_one_token, generate, generate_batch, generate_batch_stream,
-    generate_stream, prefill, release_decode_caches,
+    CachedDecoder, ContextWindows, KVCachePool, PromptTruncatedWarning, check_inference_mode, check_prompts,
+    compiled_decode_one_token, decode_one_token, generate, generate_batch, generate_batch_stream,
+    generate_stream, prefill, resolve_context_keep,
 )
 from .sampling import (
     SamplingParams, apply_repetition_penalty, make_generator, min_p_filter, next_token_probs,
@@ -22,10 +23,12 @@ from .speculative import (
 from .streaming import StopStrings, TextStreamer, stream_text, truncate_at_stop
 
 __all__ = [
-    "PromptTruncatedWarning", "SamplingParams", "SpeculativeStats", "StopStrings", "TextStreamer",
-    "apply_repetition_penalty", "attention_weights", "decode_one_token", "generate", "generate_batch",
+    "CachedDecoder", "ContextWindows", "KVCachePool", "PromptTruncatedWarning", "SamplingParams",
+    "SpeculativeStats", "StopStrings", "TextStreamer",
+    "apply_repetition_penalty", "attention_weights", "check_inference_mode", "check_prompts",
+    "compiled_decode_one_token", "decode_one_token", "generate", "generate_batch",
     "generate_batch_stream", "generate_stream", "make_generator", "min_p_filter", "next_token_probs",
-    "prefill", "process_logits", "release_decode_caches", "sample_next_token", "save_attention",
+    "prefill", "process_logits", "resolve_context_keep", "sample_next_token", "save_attention",
     "speculative_accept", "speculative_generate", "speculative_generate_stream", "stream_text",
     "top_k_filter", "top_p_filter", "truncate_at_stop",
 ]

@@ -41,16 +41,23 @@ compilation on first use and pays back on long generations (BENCHMARKS.md). On C
 also captured as a CUDA graph (``DECODE_COMPILE_MODES``), since launches, not arithmetic, are
 what a small model's token costs there.
 
-The KV-cache lives in the model (``setup_kv_cache``), from the first ``next()`` until the stream
-ends or is closed, so run one generation per model at a time. The model is put in eval mode for
-the duration and restored afterwards.
+**State.** The engine never changes the model it is given: each generation owns a
+:class:`~mini_transformer.model.KVCache` (taken from a :class:`KVCachePool` when the caller
+passes one) from the first ``next()`` until the stream ends or is closed, and passes it to
+``forward``. Several generations can therefore run on one model at the same time. The model's
+mode is left alone too: a model in training mode whose dropout is active is refused (call
+``model.eval()`` first), since dropout would perturb every token.
+
+The pieces that :mod:`.speculative` shares with the plain loop are public here:
+:func:`check_prompts`, :func:`resolve_context_keep`, :class:`ContextWindows` (each row's
+sliding window) and :class:`CachedDecoder` (a model, its cache and the valid slots in it).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -59,7 +66,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from ..model import Transformer
+from ..model import KVCache, Transformer
 from .sampling import SamplingParams, make_generator, sample_next_token, seen_mask
 
 
@@ -70,54 +77,54 @@ class PromptTruncatedWarning(UserWarning):
 # -- the two steps ----------------------------------------------------------------------------
 
 @torch.no_grad()
-def prefill(model: Transformer, idx: torch.Tensor, input_pos: torch.Tensor,
+def prefill(model: Transformer, kv_cache: KVCache, idx: torch.Tensor, input_pos: torch.Tensor,
             position_ids: Optional[torch.Tensor] = None,
             attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run ``idx`` (B, T) into cache slots ``input_pos`` (T,); return last-position logits (B, V)."""
-    out = model(idx, input_pos=input_pos, position_ids=position_ids, attn_mask=attn_mask, logits_to_keep=1)
+    out = model(idx, kv_cache=kv_cache, input_pos=input_pos, position_ids=position_ids,
+                attn_mask=attn_mask, logits_to_keep=1)
     return out.logits[:, -1]
 
 
-def _next_logits(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor,
+def _next_logits(model: Transformer, kv_cache: KVCache, token: torch.Tensor, input_pos: torch.Tensor,
                  position_ids: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    out = model(token, input_pos=input_pos, position_ids=position_ids, attn_mask=attn_mask)
+    out = model(token, kv_cache=kv_cache, input_pos=input_pos, position_ids=position_ids, attn_mask=attn_mask)
     return out.logits[:, -1]
 
 
 @torch.no_grad()
-def decode_one_token(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor,
+def decode_one_token(model: Transformer, kv_cache: KVCache, token: torch.Tensor, input_pos: torch.Tensor,
                      position_ids: Optional[torch.Tensor] = None,
                      attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One token per row, ``token`` (B, 1) at slot ``input_pos`` (1,); returns logits (B, V).
 
     Static shapes: ``position_ids`` (B, 1) and ``attn_mask`` (B, cache_len) never change size.
     """
-    return _next_logits(model, token, input_pos, position_ids, attn_mask)
+    return _next_logits(model, kv_cache, token, input_pos, position_ids, attn_mask)
 
 
 # Inductor's mode per device type. On a GPU a decode step of a small model is a few hundred
-# short kernels, so launch overhead dominates: "reduce-overhead" replays them as one CUDA graph
-# (the KV-cache is a module buffer written in place, and kept between generations, so that its
-# address stays the one the graph was recorded with).
+# short kernels, so launch overhead dominates: "reduce-overhead" replays them as one CUDA graph.
+# The graph reads the KV-cache at the addresses it was recorded with; the cache is an
+# nn.Module argument, so its buffers are static inputs, and a KVCachePool keeps the same cache
+# between generations so that the graph is not recorded again for each one.
 DECODE_COMPILE_MODES: dict[str, str] = {"cuda": "reduce-overhead"}
-# The modes whose compiled step reads the KV-cache at recorded addresses (see _SPARE_CACHES).
-CACHE_KEEPING_MODES: frozenset[str] = frozenset({"reduce-overhead"})
 
 
 @functools.cache
 def _compiled_next_logits(mode: str = "default") -> Callable[..., torch.Tensor]:
     # Compiled once per process and mode, on our own undecorated function: Dynamo keys its cache
     # on the code object, and a decorated function would share the cache (and its limit of 8
-    # entries) with every other function behind torch.no_grad's wrapper. The model is an
-    # argument, not captured: its weights and cache buffers become graph inputs, so models of
-    # the same shapes share one graph and no compiled function keeps a model alive. Not
-    # fullgraph: past the entry limit (many batch sizes or model shapes in one process) Dynamo
-    # then runs the step eagerly with a warning instead of failing.
+    # entries) with every other function behind torch.no_grad's wrapper. The model and cache
+    # are arguments, not captured: their tensors become graph inputs, so models of the same
+    # shapes share one graph and no compiled function keeps a model alive. Not fullgraph: past
+    # the entry limit (many batch sizes or model shapes in one process) Dynamo then runs the
+    # step eagerly with a warning instead of failing.
     return torch.compile(_next_logits, dynamic=False, mode=mode)
 
 
-def compiled_decode_one_token(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor,
-                              position_ids: Optional[torch.Tensor] = None,
+def compiled_decode_one_token(model: Transformer, kv_cache: KVCache, token: torch.Tensor,
+                              input_pos: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                               attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`decode_one_token` through ``torch.compile`` with static shapes.
 
@@ -130,17 +137,62 @@ def compiled_decode_one_token(model: Transformer, token: torch.Tensor, input_pos
     mode = DECODE_COMPILE_MODES.get(token.device.type, "default")
     try:
         with torch.no_grad():
-            return _compiled_next_logits(mode)(model, token, input_pos, position_ids, attn_mask)
+            return _compiled_next_logits(mode)(model, kv_cache, token, input_pos, position_ids, attn_mask)
     except torch._dynamo.exc.BackendCompilerFailed as error:
         raise UserError(f"compiling the decode step failed ({type(error.inner_exception).__name__}: "
                         f"{str(error.inner_exception).splitlines()[0][:200]}); generate without "
-                        "--compile (generation.compile_decode: false)") from None
+                        "compiling the decode step") from None
 
 
-# -- rows and their windows -----------------------------------------------------------------
+# -- KV-caches ------------------------------------------------------------------------------
 
-class _Rows:
-    """Each row's tokens (prompt + generated) and where its visible window starts."""
+class KVCachePool:
+    """KV-caches kept between generations; each running generation borrows one of its own.
+
+    Why keep them: a decode step replayed as a CUDA graph reads the cache at the addresses it
+    was recorded with, so a fresh cache per generation would record the graph again every time
+    (and the recorded graphs pile up); elsewhere it saves an allocation. A cache is lent to one
+    generation at a time, never shared, so generations on one model may run concurrently (the
+    pool is thread-safe). At most ``max_spare`` idle caches are kept; :meth:`clear` frees them.
+    """
+
+    def __init__(self, max_spare: int = 4):
+        self.max_spare = max_spare
+        self._spare: list[KVCache] = []
+        self._lock = threading.Lock()
+
+    def take(self, model: Transformer, batch_size: int, max_len: Optional[int] = None) -> KVCache:
+        """A zeroed cache for ``model`` (a kept one when one fits, else a new one)."""
+        max_len = max_len or model.config.block_size
+        with self._lock:
+            for i, cache in enumerate(self._spare):
+                if cache.fits(model, batch_size, max_len):
+                    return self._spare.pop(i).zero_()
+        return KVCache.for_model(model, batch_size, max_len)
+
+    def give(self, cache: KVCache) -> None:
+        """Return a borrowed cache; the oldest idle one is dropped past ``max_spare``."""
+        with self._lock:
+            self._spare.append(cache)
+            del self._spare[:-self.max_spare or len(self._spare)]
+
+    def clear(self) -> None:
+        """Free every idle cache."""
+        with self._lock:
+            self._spare.clear()
+
+    def __len__(self) -> int:
+        return len(self._spare)
+
+
+# -- rows, their windows and the cache they are decoded through -------------------------------
+
+class ContextWindows:
+    """Each row's tokens (prompt + generated) and where its visible window starts.
+
+    A row sees at most ``block_size`` tokens; :meth:`slide` moves a full row's window to its last
+    ``context_keep`` tokens (see the module docstring for why).
+    """
 
     def __init__(self, prompts: list[list[int]], block_size: int, context_keep: int):
         self.tokens = [list(p) for p in prompts]
@@ -149,15 +201,20 @@ class _Rows:
         self.block_size = block_size
         self.context_keep = context_keep
 
-    def append(self, tokens: list[int]) -> None:
+    def append(self, tokens: Sequence[int]) -> None:
+        """One new token per row."""
         for row, token in zip(self.tokens, tokens):
             row.append(token)
 
-    def slide(self) -> None:
-        """Rows whose window outgrew block_size keep only their last ``context_keep`` tokens."""
+    def slide(self) -> bool:
+        """Rows whose window outgrew block_size keep only their last ``context_keep`` tokens;
+        returns whether any row slid."""
+        slid = False
         for i, row in enumerate(self.tokens):
             if len(row) - self.starts[i] > self.block_size:
                 self.starts[i] = len(row) - self.context_keep
+                slid = True
+        return slid
 
     def windows(self) -> list[list[int]]:
         return [row[start:] for row, start in zip(self.tokens, self.starts)]
@@ -176,7 +233,7 @@ def left_pad(rows: list[list[int]], pad_id: int = 0, device: torch.device | str 
     pads = torch.tensor([width - len(r) for r in rows], device=device)
     idx = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
     position_ids = None
-    if bool(pads.any()):
+    if any(len(r) != width for r in rows):
         position_ids = (torch.arange(width, device=device)[None] - pads[:, None]).clamp(min=0)
     return _Padded(idx, pads, position_ids)
 
@@ -186,70 +243,86 @@ def key_mask(pads: torch.Tensor, length: int) -> torch.Tensor:
     return torch.arange(length, device=pads.device)[None] >= pads[:, None]
 
 
+class CachedDecoder:
+    """A model, the KV-cache it writes to, and how many slots hold valid tokens.
+
+    :meth:`prefill` writes a (left-padded) batch from slot 0; :meth:`extend` appends tokens at
+    the next slots, one-token steps going through :func:`decode_one_token` (compiled when
+    asked); :meth:`rewind` forgets the slots past a length (speculative decoding's rollback:
+    entries past it are masked and later overwritten, never read).
+    """
+
+    def __init__(self, model: Transformer, kv_cache: KVCache, compile: bool = False):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.decode_step = compiled_decode_one_token if compile else decode_one_token
+        self.device = kv_cache.device
+        self.length = 0  # slots 0..length-1 are written (pads included)
+        self.pads: Optional[torch.Tensor] = None  # (B,) pad slots per row; None when none is padded
+        self.mask: Optional[torch.Tensor] = None  # (B, capacity) key mask; None when none is padded
+
+    @property
+    def capacity(self) -> int:
+        return self.kv_cache.max_len
+
+    def prefill(self, windows: list[list[int]], pad_id: int = 0) -> torch.Tensor:
+        """Write each row's window from slot 0 (left-padded); return the last logits (B, V)."""
+        padded = left_pad(windows, pad_id, self.device)
+        width = padded.idx.shape[1]
+        padded_rows = padded.position_ids is not None
+        self.pads = padded.pads if padded_rows else None
+        self.mask = key_mask(padded.pads, self.capacity) if padded_rows else None
+        logits = prefill(self.model, self.kv_cache, padded.idx, torch.arange(width, device=self.device),
+                         padded.position_ids, self.mask)
+        self.length = width
+        return logits
+
+    def extend(self, ids: torch.Tensor, keep_logits: int = 1) -> torch.Tensor:
+        """Write ``ids`` (B, T) at the next T slots; return the last ``keep_logits`` logits (B, keep, V)."""
+        T = ids.shape[1]
+        if self.length + T > self.capacity:
+            raise ValueError(f"{T} tokens after {self.length} overflow the cache of {self.capacity} slots")
+        input_pos = torch.arange(self.length, self.length + T, device=self.device)  # (T,)
+        position_ids = None if self.pads is None else input_pos[None] - self.pads[:, None]  # (B, T)
+        if T == 1 and keep_logits == 1:
+            logits = self.decode_step(self.model, self.kv_cache, ids, input_pos, position_ids, self.mask)[:, None]
+        else:
+            with torch.no_grad():
+                logits = self.model(ids, kv_cache=self.kv_cache, input_pos=input_pos, position_ids=position_ids,
+                                    attn_mask=self.mask, logits_to_keep=keep_logits).logits
+        self.length += T
+        return logits
+
+    def rewind(self, length: int) -> None:
+        """Keep only the first ``length`` slots as valid."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind to {length}: the cache holds {self.length} slots")
+        self.length = length
+
+
 # -- steppers: how the next logits are computed ---------------------------------------------
-
-# The KV-caches of decoding replayed as a CUDA graph, kept between generations per model and
-# (batch size, cache length). A graph reads the cache at the addresses it was recorded with: a
-# new cache per generation would make every generation record the graph again, and the recorded
-# graphs pile up. Weak keys: a model that is gone takes its caches along; release_decode_caches
-# frees them sooner.
-_SPARE_CACHES: weakref.WeakKeyDictionary[Transformer, dict[tuple[int, int], list]] = weakref.WeakKeyDictionary()
-
-
-def release_decode_caches(model: Transformer) -> None:
-    """Free the KV-caches that compiled decoding keeps for ``model`` between generations."""
-    _SPARE_CACHES.pop(model, None)
-
 
 class _CachedStepper:
     """Prefill once (and again after a slide), then one decode step per token."""
 
-    def __init__(self, model: Transformer, batch_size: int, pad_id: int, compile: bool = False):
-        self.model = model
-        decode = compiled_decode_one_token if compile else decode_one_token
-        self.decode_step = functools.partial(decode, model)
+    def __init__(self, model: Transformer, batch_size: int, pad_id: int, compile: bool,
+                 cache_pool: Optional[KVCachePool]):
+        self.cache_pool = cache_pool
+        cache = cache_pool.take(model, batch_size) if cache_pool else KVCache.for_model(model, batch_size)
+        self.decoder = CachedDecoder(model, cache, compile)
         self.pad_id = pad_id
-        self.cache_len = model.config.block_size
-        self.device = model.tok_emb.weight.device
-        # Decoding through a CUDA graph keeps its caches between generations, one set per batch
-        # size; a set of another dtype or device (the model was moved) is dropped.
-        keeps = compile and DECODE_COMPILE_MODES.get(self.device.type, "default") in CACHE_KEEPING_MODES
-        self.keep_cache_as = (batch_size, self.cache_len) if keeps else None
-        spare = _SPARE_CACHES.get(model, {}).pop(self.keep_cache_as, ()) if keeps else ()
-        model.setup_kv_cache(batch_size, self.cache_len, reuse=spare)
-        self.slot: Optional[int] = None  # next cache slot to write; None before the prefill
-        self.pads: Optional[torch.Tensor] = None  # (B,) or None when no row is padded
-        self.mask: Optional[torch.Tensor] = None  # (B, cache_len)
 
-    def next_logits(self, rows: _Rows) -> torch.Tensor:
-        if self.slot is None or self.slot >= self.cache_len:
+    def next_logits(self, rows: ContextWindows) -> torch.Tensor:
+        decoder = self.decoder
+        if decoder.length == 0 or decoder.length >= decoder.capacity:
             rows.slide()
-            return self._prefill(rows.windows())
-        return self._decode([row[-1] for row in rows.tokens])
-
-    def _prefill(self, windows: list[list[int]]) -> torch.Tensor:
-        padded = left_pad(windows, self.pad_id, self.device)
-        width = padded.idx.shape[1]
-        padded_rows = bool(padded.pads.any())
-        self.pads = padded.pads if padded_rows else None
-        self.mask = key_mask(padded.pads, self.cache_len) if padded_rows else None
-        logits = prefill(self.model, padded.idx, torch.arange(width, device=self.device),
-                         padded.position_ids, self.mask)
-        self.slot = width
-        return logits
-
-    def _decode(self, last: list[int]) -> torch.Tensor:
-        token = torch.tensor(last, device=self.device)[:, None]  # (B, 1)
-        input_pos = torch.tensor([self.slot], device=self.device)  # (1,)
-        position_ids = None if self.pads is None else (self.slot - self.pads)[:, None]  # (B, 1)
-        logits = self.decode_step(token, input_pos, position_ids, self.mask)
-        self.slot += 1
-        return logits
+            return decoder.prefill(rows.windows(), self.pad_id)
+        last = torch.tensor([row[-1] for row in rows.tokens], device=decoder.device)[:, None]  # (B, 1)
+        return decoder.extend(last)[:, -1]
 
     def close(self) -> None:
-        caches = self.model.clear_kv_cache()
-        if self.keep_cache_as is not None:
-            _SPARE_CACHES.setdefault(self.model, {})[self.keep_cache_as] = caches
+        if self.cache_pool is not None:
+            self.cache_pool.give(self.decoder.kv_cache)
 
 
 class _UncachedStepper:
@@ -258,12 +331,11 @@ class _UncachedStepper:
     def __init__(self, model: Transformer, pad_id: int):
         self.model = model
         self.pad_id = pad_id
-        self.device = model.tok_emb.weight.device
 
     @torch.no_grad()
-    def next_logits(self, rows: _Rows) -> torch.Tensor:
+    def next_logits(self, rows: ContextWindows) -> torch.Tensor:
         rows.slide()
-        padded = left_pad(rows.windows(), self.pad_id, self.device)
+        padded = left_pad(rows.windows(), self.pad_id, self.model.device)
         mask = key_mask(padded.pads, padded.idx.shape[1]) if padded.position_ids is not None else None
         out = self.model(padded.idx, position_ids=padded.position_ids, attn_mask=mask, logits_to_keep=1)
         return out.logits[:, -1]
@@ -291,6 +363,7 @@ def generate_batch_stream(
     compile: bool = False,
     context_keep: Optional[int] = None,
     pad_id: int = 0,
+    cache_pool: Optional[KVCachePool] = None,
 ) -> Iterator[list[Optional[int]]]:
     """Generate for several prompts at once; yields, per step, one new token id per row.
 
@@ -298,35 +371,33 @@ def generate_batch_stream(
     gets ``None``. Iteration ends after ``max_new_tokens`` steps or when every row has stopped.
     ``generator`` (or ``seed``) makes sampling reproducible. See the module docstring for the
     context window, ``context_keep`` and ``use_cache``, and for ``compile`` (the compiled decode
-    step; needs ``use_cache``).
+    step; needs ``use_cache``). ``cache_pool``: where the KV-cache is borrowed from and returned
+    to (keep one pool per model for compiled decoding on CUDA); without it each generation
+    allocates its own.
     """
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
-    rows_in = _check_prompts(model, prompts, max_new_tokens)
-    block_size = model.config.block_size
-    keep = _check_keep(context_keep, block_size)
+    rows_in = check_prompts(model, prompts, max_new_tokens)
+    keep = resolve_context_keep(context_keep, model.config.block_size)
+    check_inference_mode(model)
     # The generator lives on the model's device: CUDA sampling refuses a CPU generator.
-    generator = generator or make_generator(seed, model.tok_emb.weight.device)
+    generator = generator or make_generator(seed, model.device)
     if compile and not use_cache:
         raise UserError("compiling the decode step needs the KV-cache; drop use_cache=False or compile")
-    return _generate(model, rows_in, max_new_tokens, params, generator,
-                     frozenset(stop_ids), use_cache, compile, keep, pad_id)
+    return _generate(model, rows_in, max_new_tokens, params, generator, frozenset(stop_ids), use_cache,
+                     compile, keep, pad_id, cache_pool)
 
 
 def _generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
               generator: torch.Generator, stop_ids: frozenset[int], use_cache: bool, compile: bool,
-              keep: int, pad_id: int) -> Iterator[list[Optional[int]]]:
+              keep: int, pad_id: int, cache_pool: Optional[KVCachePool]) -> Iterator[list[Optional[int]]]:
     batch = len(prompts)
-    rows = _Rows(prompts, model.config.block_size, keep)
+    rows = ContextWindows(prompts, model.config.block_size, keep)
     seen = None
     if params.repetition_penalty != 1.0:
-        seen = seen_mask(rows.windows(), model.config.vocab_size, model.tok_emb.weight.device)
+        seen = seen_mask(rows.windows(), model.config.vocab_size, model.device)
     finished = [False] * batch
-    was_training = model.training
-    model.eval()
-    restore_math = _avoid_math_attention_with_padding(model, prompts)
-    # Under torch.compile the matmuls are Inductor's; the eager layout trick would only add copies.
-    restore_linears = _decode_friendly_linears(model) if not compile else (lambda: None)
-    stepper = _CachedStepper(model, batch, pad_id, compile) if use_cache else _UncachedStepper(model, pad_id)
+    stepper = (_CachedStepper(model, batch, pad_id, compile, cache_pool) if use_cache
+               else _UncachedStepper(model, pad_id))
     try:
         for _ in range(max_new_tokens):
             logits = stepper.next_logits(rows)  # (B, V)
@@ -345,9 +416,6 @@ def _generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
                 return
     finally:
         stepper.close()
-        restore_math()
-        restore_linears()
-        model.train(was_training)
 
 
 def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:
@@ -365,7 +433,7 @@ def generate_stream(model: Transformer, prompt_ids: Sequence[int], **kwargs) -> 
 
     Takes the keyword arguments of :func:`generate_batch_stream` (``max_new_tokens``,
     ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``seed`` or
-    ``generator``, ``stop_ids``, ``use_cache``, ``compile``, ``context_keep``).
+    ``generator``, ``stop_ids``, ``use_cache``, ``compile``, ``context_keep``, ``cache_pool``).
     """
     # Not a generator itself: the prompt is checked (and a crop warned about) at call time.
     return _first_row(generate_batch_stream(model, [prompt_ids], **kwargs))
@@ -378,7 +446,7 @@ def _first_row(steps: Iterator[list[Optional[int]]]) -> Iterator[int]:
                 return
             yield step[0]
     finally:
-        steps.close()  # release the KV-cache now, not when the garbage collector gets to it
+        steps.close()  # return the KV-cache now, not when the garbage collector gets to it
 
 
 def generate(model: Transformer, prompt_ids: Sequence[int], **kwargs) -> list[int]:
@@ -388,9 +456,11 @@ def generate(model: Transformer, prompt_ids: Sequence[int], **kwargs) -> list[in
 
 # -- checks -----------------------------------------------------------------------------------
 
-def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+def check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    """Prompts as lists of ints, checked against the model's vocabulary; warns
+    (:class:`PromptTruncatedWarning`) about one longer than the context."""
     if max_new_tokens < 0:
-        raise UserError(f"--max_tokens must be >= 0, got {max_new_tokens}")
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     rows = [p.tolist() if isinstance(p, torch.Tensor) else [int(t) for t in p] for p in prompts]
@@ -410,7 +480,8 @@ def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     return rows
 
 
-def _check_keep(context_keep: Optional[int], block_size: int) -> int:
+def resolve_context_keep(context_keep: Optional[int], block_size: int) -> int:
+    """How many tokens a full window keeps when it slides (default ``block_size // 2``)."""
     keep = block_size // 2 if context_keep is None else context_keep
     if not 1 <= keep < block_size:
         raise UserError(f"generation.context_keep must be in [1, {block_size}) (below block_size), got {keep}; "
@@ -418,46 +489,13 @@ def _check_keep(context_keep: Optional[int], block_size: int) -> int:
     return keep
 
 
-def _avoid_math_attention_with_padding(model: Transformer, prompts: list[list[int]]):
-    """The explicit "math" attention path turns fully masked pad rows into NaN, which then leak
-    into real rows through the cache; SDPA returns zeros for them. Both compute the same
-    attention, so a padded batch temporarily uses SDPA. Returns the function that restores it."""
-    # Rows of equal length can still become unequal after a slide, so any batch switches.
-    changed = [b.attn for b in model.blocks if b.attn.attention == "math"] if len(prompts) > 1 else []
-    for attn in changed:
-        attn.attention = "sdpa"
+def check_inference_mode(model: nn.Module) -> None:
+    """Refuse a model whose dropout is active: it would perturb every generated token.
 
-    def restore() -> None:
-        for attn in changed:
-            attn.attention = "math"
-
-    return restore
-
-
-def _decode_friendly_linears(model: Transformer):
-    """On CPU in fp32, give every ``nn.Linear`` a contiguous (in, out) copy of its weight for the
-    duration of generation; returns the function that removes them.
-
-    Why: ``F.linear`` multiplies by the transposed (out, in) weight, and for the one-row inputs of
-    decoding PyTorch's CPU kernel reads that layout at about a third of the memory bandwidth;
-    ``x @ w_t`` with the weight stored (in, out) runs about twice as fast (BENCHMARKS.md). The
-    copies cost one extra set of weights while generating. Quantized and LoRA layers, bf16
-    weights and GPUs keep their own path.
+    Generation leaves the model's mode alone (a running training step, or a second generation,
+    may depend on it), so the caller switches: ``model.eval()``.
     """
-    linears = [m for m in model.modules() if type(m) is nn.Linear
-               and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
-    for module in linears:
-        weight_t = module.weight.detach().t().contiguous()  # (in, out)
-        bias = module.bias
-
-        def forward(x: torch.Tensor, weight_t: torch.Tensor = weight_t, bias=bias) -> torch.Tensor:
-            y = x @ weight_t
-            return y + bias if bias is not None else y
-
-        module.forward = forward  # an instance attribute: nn.Module.__call__ uses it
-
-    def restore() -> None:
-        for module in linears:
-            del module.forward  # back to nn.Linear.forward
-
-    return restore
+    active = [m.p for m in model.modules() if isinstance(m, nn.Dropout) and m.training and m.p > 0]
+    if active:
+        raise UserError(f"the model is in training mode with dropout {max(active)}, which would perturb "
+                        "every generated token; call model.eval() before generating")

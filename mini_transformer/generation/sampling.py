@@ -36,18 +36,18 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        # Messages name the CLI flags: they are what a user typed.
+        # Library terms; the command line names its own flags when it reports these.
         if self.temperature < 0:
-            raise UserError(f"--temperature must be >= 0, got {self.temperature}; use 0 for greedy, 0.8 for balanced")
+            raise UserError(f"temperature must be >= 0, got {self.temperature}; use 0 for greedy, 0.8 for balanced")
         if self.top_k is not None and self.top_k <= 0:
-            raise UserError(f"--top_k must be a positive integer, got {self.top_k}; try 50, or leave it out")
+            raise UserError(f"top_k must be a positive integer, got {self.top_k}; try 50, or leave it unset")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}; try 0.9")
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}; try 0.9")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
-            raise UserError(f"--min_p must be in [0, 1], got {self.min_p}; try 0.05")
+            raise UserError(f"min_p must be in [0, 1], got {self.min_p}; try 0.05")
         if self.repetition_penalty <= 0:
             raise UserError(
-                f"--repetition_penalty must be > 0, got {self.repetition_penalty}; 1.0 disables it, try 1.1")
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}; 1.0 disables it, try 1.1")
 
     @property
     def greedy(self) -> bool:
@@ -72,12 +72,20 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose total probability reaches ``p``."""
+    """Keep the smallest set of most likely tokens whose total probability reaches ``p``.
+
+    The running sum is taken in float64 from the most likely token, so a set that reaches ``p``
+    exactly (three equal tokens and p = 2/3) keeps two, not one too many or too few. Tokens of
+    exactly equal probability rank by id (a stable sort), so where a cut falls inside a tied
+    group, the lower ids survive.
+    """
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-    probs = torch.softmax(sorted_logits.float(), dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # (B, V)
+    probs = torch.softmax(sorted_logits.double(), dim=-1)
+    # The probability of the tokens ranked above each one (an exclusive running sum; subtracting
+    # each token's own probability from an inclusive one would add a rounding error).
+    mass_before = torch.cat([torch.zeros_like(probs[..., :1]), probs[..., :-1].cumsum(dim=-1)], dim=-1)
     # A token is needed while the tokens above it have not yet reached p; the first always is.
     remove_sorted = mass_before >= p
     remove_sorted[..., 0] = False

@@ -15,8 +15,10 @@ target decoding.
 
 Rolling back after a rejection costs nothing: the caches are indexed by slot and masked past
 the newest position, so rejected entries are simply overwritten later; only the count of valid
-slots (``_SlotCache.length``) goes back. Batch size 1. Windows past ``block_size`` slide as in
-:mod:`.engine` (both caches are prefilled again from the last ``context_keep`` tokens).
+slots goes back (:meth:`~.engine.CachedDecoder.rewind`). Batch size 1. Windows past
+``block_size`` slide as in :mod:`.engine`, through the same :class:`~.engine.ContextWindows`
+(both caches are then prefilled again from the last ``context_keep`` tokens). The draft tokens
+stay on the device, and each round reads back to the host once, after the accept step.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
-from ..model import Transformer
-from .engine import _check_keep, _check_prompts
+from ..model import KVCache, Transformer
+from .engine import CachedDecoder, ContextWindows, check_inference_mode, check_prompts, resolve_context_keep
 from .sampling import SamplingParams, make_generator, next_token_probs
 
 
@@ -52,51 +54,39 @@ class SpeculativeStats:
         return self.emitted / self.rounds if self.rounds else 0.0
 
 
-def speculative_accept(drafts: Sequence[int], draft_probs: torch.Tensor, target_probs: torch.Tensor,
+def speculative_accept(drafts: Sequence[int] | torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
                        generator: Optional[torch.Generator] = None) -> tuple[list[int], int]:
-    """The accept/reject rule for one round.
+    """The accept/reject rule for one round, vectorised: one read back to the host.
 
     Args:
-        drafts: the gamma draft tokens d_1..d_gamma.
+        drafts: the gamma draft tokens d_1..d_gamma (a list, or a (gamma,) tensor on the device).
         draft_probs: (gamma, V) q_i, the distributions the drafts were drawn from.
         target_probs: (gamma + 1, V) p_i, the target's distributions at the same positions.
     Returns:
         the tokens to emit (accepted drafts, then one corrected or bonus token) and the number
         of drafts accepted.
     """
-    gamma = len(drafts)
-    uniforms = torch.rand(gamma, generator=generator, device=target_probs.device).tolist() if gamma else []
-    for i, token in enumerate(drafts):
-        p, q = target_probs[i, token].item(), draft_probs[i, token].item()
-        if q > 0 and uniforms[i] < min(1.0, p / q):
-            continue
-        residual = (target_probs[i] - draft_probs[i]).clamp(min=0)  # (V,)
-        if residual.sum() <= 0:  # p == q up to rounding: any rejection was rounding noise
-            residual = target_probs[i]
-        corrected = torch.multinomial(residual / residual.sum(), 1, generator=generator).item()
-        return [*drafts[:i], corrected], i
-    bonus = torch.multinomial(target_probs[gamma], 1, generator=generator).item()
-    return [*drafts, bonus], gamma
-
-
-class _SlotCache:
-    """One model with a batch-1 KV-cache and the number of valid slots in it."""
-
-    def __init__(self, model: Transformer, cache_len: int):
-        self.model = model
-        self.device = model.tok_emb.weight.device
-        model.setup_kv_cache(1, cache_len)
-        self.length = 0  # slots 0..length-1 hold the first `length` tokens of the window
-
-    @torch.no_grad()
-    def feed(self, window: list[int], extra: Sequence[int] = (), keep_logits: int = 1) -> torch.Tensor:
-        """Write ``window[length:] + extra`` into the cache; return the last ``keep_logits`` logits."""
-        ids = window[self.length:] + list(extra)
-        idx = torch.tensor([ids], device=self.device)  # (1, T)
-        pos = torch.arange(self.length, self.length + len(ids), device=self.device)  # (T,)
-        logits = self.model(idx, input_pos=pos, logits_to_keep=keep_logits).logits[0]  # (keep, V)
-        self.length += len(ids)
-        return logits
+    device = target_probs.device
+    drafts = torch.as_tensor(drafts, dtype=torch.long, device=device).view(-1)  # (gamma,)
+    gamma = drafts.numel()
+    # Row i of `corrections` is what to sample from if d_i is the first rejected draft:
+    # normalize(max(0, p_i - q_i)); row gamma is the bonus distribution p_{gamma+1}.
+    corrections = target_probs[gamma:gamma + 1]  # (1, V)
+    accepted = torch.zeros((), dtype=torch.long, device=device)
+    if gamma:
+        uniforms = torch.rand(gamma, generator=generator, device=device)
+        rows = torch.arange(gamma, device=device)
+        p, q = target_probs[rows, drafts], draft_probs[rows, drafts]  # (gamma,) each
+        accept = (q > 0) & (uniforms < p / q)  # u < min(1, p/q), as u < 1
+        accepted = accept.long().cumprod(0).sum()  # the drafts before the first rejection
+        residuals = (target_probs[:gamma] - draft_probs).clamp(min=0)  # (gamma, V)
+        corrections = torch.cat([residuals, corrections])  # (gamma + 1, V)
+    dist = corrections[accepted]  # (V,)
+    # p == q up to rounding leaves no residual mass: that rejection was rounding noise.
+    dist = torch.where(dist.sum() > 0, dist, target_probs[accepted])
+    token = torch.multinomial(dist / dist.sum(), 1, generator=generator)  # (1,)
+    n, last, *drafted = torch.cat([accepted.view(1), token, drafts]).tolist()  # the one host read
+    return [*drafted[:n], last], n
 
 
 def speculative_generate_stream(
@@ -130,13 +120,15 @@ def speculative_generate_stream(
         raise UserError(f"draft model vocabulary ({draft.config.vocab_size}) differs from the target's "
                         f"({target.config.vocab_size}); train the draft with the same tokenizer")
     if draft is target:
-        raise UserError("the draft model must be a different model object from the target (each needs its own cache)")
+        raise UserError("the draft model is the target itself, which gains nothing; pass a smaller model as the draft")
     if gamma < 1:
         raise UserError(f"speculative gamma must be >= 1, got {gamma}; 4 is a good start")
-    (prompt,) = _check_prompts(target, [prompt_ids], max_new_tokens)
+    (prompt,) = check_prompts(target, [prompt_ids], max_new_tokens)
     window = min(target.config.block_size, draft.config.block_size)
-    keep = _check_keep(context_keep, window)
-    generator = generator or make_generator(seed, target.tok_emb.weight.device)
+    keep = resolve_context_keep(context_keep, window)
+    check_inference_mode(target)
+    check_inference_mode(draft)
+    generator = generator or make_generator(seed, target.device)
     return _speculate(target, draft, prompt, max_new_tokens, gamma, params, generator, frozenset(stop_ids),
                       window, keep, stats if stats is not None else SpeculativeStats())
 
@@ -144,73 +136,69 @@ def speculative_generate_stream(
 def _speculate(target: Transformer, draft: Transformer, prompt: list[int], max_new_tokens: int, gamma: int,
                params: SamplingParams, generator: torch.Generator, stop_ids: frozenset[int], window: int,
                keep: int, stats: SpeculativeStats) -> Iterator[int]:
-    tokens = list(prompt)
-    start = max(0, len(tokens) - window)  # a long prompt keeps its last `window` tokens
-    penalise = params.repetition_penalty != 1.0
-    device = target.tok_emb.weight.device
+    rows = ContextWindows([prompt], window, keep)
+    device = target.device
     seen = None
-    if penalise:
-        seen = _with(torch.zeros(1, target.config.vocab_size, dtype=torch.bool, device=device), tokens[start:])
-    modes = (target.training, draft.training)
-    target.eval()
-    draft.eval()
-    t_cache, d_cache = _SlotCache(target, window), _SlotCache(draft, window)
+    if params.repetition_penalty != 1.0:
+        seen = _with(torch.zeros(1, target.config.vocab_size, dtype=torch.bool, device=device), rows.windows()[0])
+    verifier = CachedDecoder(target, KVCache.for_model(target, 1, window))
+    drafter = CachedDecoder(draft, KVCache.for_model(draft, 1, window))
     produced = 0
-    try:
-        while produced < max_new_tokens:
-            if len(tokens) - start > window:  # the same slide as the plain engine
-                start = len(tokens) - keep
-                t_cache.length = d_cache.length = 0
-            ctx = tokens[start:]
-            n = len(ctx)
-            # The target verifies positions n..n+g, which must stay inside the window, so the
-            # output (greedy: token for token) matches plain decoding even past block_size.
-            g = min(gamma, window - n, max_new_tokens - produced - 1)
-            drafts, q = _draft(d_cache, ctx, g, params, seen, generator)
-            logits = t_cache.feed(ctx, drafts, keep_logits=g + 1)  # (g+1, V)
-            p = _probs_along(logits, drafts, params, seen)  # (g+1, V)
-            new, accepted = speculative_accept(drafts, q, p, generator)
-            # Roll back: valid entries are the context and the accepted drafts each cache holds.
-            t_cache.length = n + accepted
-            d_cache.length = min(d_cache.length, n + accepted)
-            stats.rounds += 1
-            stats.drafted += g
-            stats.accepted += accepted
-            stats.emitted += len(new)
-            for token in new:
-                if token in stop_ids:
-                    return
-                tokens.append(token)
-                if seen is not None:
-                    seen[0, token] = True
-                produced += 1
-                yield token
-    finally:
-        target.clear_kv_cache()
-        draft.clear_kv_cache()
-        target.train(modes[0])
-        draft.train(modes[1])
+    while produced < max_new_tokens:
+        if rows.slide():  # the same slide as the plain engine: both caches start again
+            verifier.rewind(0)
+            drafter.rewind(0)
+        (ctx,) = rows.windows()
+        n = len(ctx)
+        # The target verifies positions n..n+g, which must stay inside the window, so the
+        # output (greedy: token for token) matches plain decoding even past block_size.
+        g = min(gamma, window - n, max_new_tokens - produced - 1)
+        drafts, q = _draft(drafter, ctx, g, params, seen, generator)  # (g,), (g, V)
+        new_ids = torch.cat([_ids(ctx[verifier.length:], device), drafts])
+        logits = verifier.extend(new_ids[None], keep_logits=g + 1)[0]  # (g+1, V)
+        p = _probs_along(logits, drafts, params, seen)  # (g+1, V)
+        new, accepted = speculative_accept(drafts, q, p, generator)
+        # Roll back: valid entries are the context and the accepted drafts each cache holds.
+        verifier.rewind(n + accepted)
+        drafter.rewind(min(drafter.length, n + accepted))
+        stats.rounds += 1
+        stats.drafted += g
+        stats.accepted += accepted
+        stats.emitted += len(new)
+        for token in new:
+            if token in stop_ids:
+                return
+            rows.append([token])
+            if seen is not None:
+                seen[0, token] = True
+            produced += 1
+            yield token
 
 
-def _draft(cache: _SlotCache, ctx: list[int], gamma: int, params: SamplingParams,
-           seen: Optional[torch.Tensor], generator: torch.Generator) -> tuple[list[int], torch.Tensor]:
-    """Sample gamma draft tokens; return them and their distributions q (gamma, V)."""
-    drafts: list[int] = []
-    dists: list[torch.Tensor] = []
+def _ids(tokens: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(tokens, dtype=torch.long, device=device)
+
+
+def _draft(drafter: CachedDecoder, ctx: list[int], gamma: int, params: SamplingParams,
+           seen: Optional[torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample gamma draft tokens, kept on the device; return them (gamma,) and their
+    distributions q (gamma, V)."""
+    drafts = torch.empty(0, dtype=torch.long, device=drafter.device)
     if gamma == 0:
-        return drafts, torch.empty(0)
-    logits = cache.feed(ctx)[-1:]  # (1, V)
+        return drafts, torch.empty(0, drafter.model.config.vocab_size, device=drafter.device)
+    dists: list[torch.Tensor] = []
+    logits = drafter.extend(_ids(ctx[drafter.length:], drafter.device)[None])[0]  # (1, V)
     for i in range(gamma):
         q = next_token_probs(logits, params, None if seen is None else _with(seen, drafts))  # (1, V)
-        token = torch.multinomial(q, 1, generator=generator).item()
-        drafts.append(token)
+        token = torch.multinomial(q, 1, generator=generator)  # (1, 1)
+        drafts = torch.cat([drafts, token[0]])
         dists.append(q[0])
         if i + 1 < gamma:
-            logits = cache.feed(ctx + drafts)[-1:]
+            logits = drafter.extend(token)[0]
     return drafts, torch.stack(dists)
 
 
-def _probs_along(logits: torch.Tensor, drafts: list[int], params: SamplingParams,
+def _probs_along(logits: torch.Tensor, drafts: torch.Tensor, params: SamplingParams,
                  seen: Optional[torch.Tensor]) -> torch.Tensor:
     """Target distributions at each verified position; the penalty sees the drafts before it."""
     if seen is None:
@@ -219,11 +207,12 @@ def _probs_along(logits: torch.Tensor, drafts: list[int], params: SamplingParams
     return next_token_probs(logits, params, masks)
 
 
-def _with(seen: torch.Tensor, extra: list[int]) -> torch.Tensor:
-    if not extra:
+def _with(seen: torch.Tensor, extra: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """``seen`` (1, V) with the tokens of ``extra`` marked too."""
+    if len(extra) == 0:
         return seen
     mask = seen.clone()
-    mask[0, torch.tensor(extra)] = True
+    mask[0, torch.as_tensor(extra, dtype=torch.long, device=seen.device)] = True
     return mask
 
 

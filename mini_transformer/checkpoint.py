@@ -253,15 +253,18 @@ def load_tokenizer_from(directory: Path):
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu", *,
                        adapter: Optional[str | os.PathLike] = None, quantize: Optional[str] = None,
-                       group_size: Optional[int] = None, dtype: Optional[torch.dtype] = None):
+                       group_size: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                       config: Optional[Config] = None):
     """``(model, config, tokenizer)`` from a checkpoint directory or a run's ``out_dir``.
 
     ``adapter`` adds a LoRA adapter directory (checked against this base); ``dtype`` casts the
     weights, on the CPU before they move, so a model that fits ``device`` only in half precision
     loads; ``quantize`` (``int8``/``int4``) quantizes them. The model is in eval mode on ``device``.
+    ``config`` is the checkpoint's config when the caller has read it already (:func:`read_config`,
+    its ``generation`` and ``advanced`` sections perhaps adjusted), so it is not read twice.
     """
     directory = resolve_checkpoint(path, prefer="best")
-    config = read_config(directory)
+    config = config or read_config(directory)
     model = load_model(directory, "cpu", config)
     if adapter is not None:
         from .lora import load_adapter

@@ -27,7 +27,7 @@ from typing import Any, Optional
 from .config import GenerationConfig
 from .errors import UserError
 from .generation import (
-    PromptTruncatedWarning, SamplingParams, SpeculativeStats, generate, generate_batch, generate_stream,
+    KVCachePool, PromptTruncatedWarning, SamplingParams, SpeculativeStats, generate, generate_batch, generate_stream,
     save_attention, speculative_generate_stream, stream_text, truncate_at_stop,
 )
 from .model import Transformer
@@ -166,6 +166,9 @@ class Session:
         self.settings = settings
         self.draft: Optional[Transformer] = None
         self.gamma = 4
+        # Plain decoding's KV-caches, kept between generations: a decode step compiled as a CUDA
+        # graph reads its cache at the addresses it was recorded with.
+        self.cache_pool = KVCachePool()
         self.stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
 
     @property
@@ -214,7 +217,7 @@ class Session:
                 tokens = speculative_generate_stream(self.model, self.draft, ids, gamma=self.gamma, stats=stats,
                                                      **common)
             else:
-                tokens = generate_stream(self.model, ids, compile=s.compile, **common)
+                tokens = generate_stream(self.model, ids, compile=s.compile, cache_pool=self.cache_pool, **common)
         return TextStream(tokens, self.tokenizer.decode, s.stop, stats)
 
     def complete_batch(self, prompts: list[list[int]], seed: Optional[int] = None) -> list[Completion]:
@@ -223,7 +226,7 @@ class Session:
         with _cropping_is_expected():
             rows = generate_batch(self.model, prompts, max_new_tokens=s.max_tokens, seed=seed,
                                   stop_ids=self.stop_ids, context_keep=s.context_keep, compile=s.compile,
-                                  **s.sampling())
+                                  cache_pool=self.cache_pool, **s.sampling())
         return [Completion(truncate_at_stop(self.tokenizer.decode(row), s.stop)[0], row) for row in rows]
 
     def plain_tokens_per_s(self, ids: list[int], n_tokens: int, seed: Optional[int] = None) -> float:
@@ -231,7 +234,7 @@ class Session:
         start = time.perf_counter()
         with _cropping_is_expected():
             plain = generate(self.model, ids, max_new_tokens=n_tokens, seed=seed, stop_ids=self.stop_ids,
-                             **self.settings.sampling())
+                             cache_pool=self.cache_pool, **self.settings.sampling())
         return len(plain) / max(time.perf_counter() - start, 1e-9)
 
     def save_attention(self, token_ids: list[int], out_dir: str | Path) -> Path:

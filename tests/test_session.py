@@ -88,6 +88,10 @@ def test_a_stream_gives_the_engine_s_tokens_as_text(session_parts):
     assert stream.stats is None
     batch = session.complete_batch([ids, ids])
     assert [c.token_ids for c in batch] == [expected, expected] and batch[0].text == text
+    # The KV-caches are kept between generations (compiled decoding reads them at fixed addresses).
+    assert len(session.cache_pool) == 2  # one of batch 1, one of batch 2
+    "".join(session.stream(ids))
+    assert len(session.cache_pool) == 2
 
 
 def test_stop_strings_cut_streams_and_batches_alike(session_parts):

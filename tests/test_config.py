@@ -141,6 +141,7 @@ def test_unknown_yaml_key_and_bad_files(tmp_path):
         load_config(preset="tinny")
 
 
+@pytest.mark.slow  # runs the CLI as a process
 @pytest.mark.parametrize("argv, pattern", [
     (["--model.d_modle", "3"], "did you mean 'model.d_model'"),
     (["--model.d_model", "abc"], "must be an integer"),

@@ -261,6 +261,7 @@ def test_not_a_prepared_directory(tmp_path):
         load_prepared(tmp_path)
 
 
+@pytest.mark.slow  # runs the CLI as a process
 def test_cli_subprocess_exit_status(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
     result = subprocess.run([python_exe(), "-m", "mini_transformer", "prepare", "--input",

@@ -44,6 +44,7 @@ def weights_bytes(directory):
     return {k: v.numpy().tobytes() for k, v in ckpt.read_weights(directory / "model.safetensors").items()}
 
 
+@pytest.mark.slow  # runs the CLI as a process
 def test_lora_finetune_merge_and_generate(base_run, tmp_path):
     base_dir = ckpt.resolve_checkpoint(base_run)
     before = weights_bytes(base_dir)
@@ -90,6 +91,7 @@ def run_cli(*args):
                           capture_output=True, text=True)
 
 
+@pytest.mark.slow  # runs the CLI as a process
 def test_quantize_cli_sizes_and_loading(base_run, tmp_path):
     for mode, group in (("int8", None), ("int4", "32")):
         args = ["quantize", "--checkpoint", str(base_run), "--mode", mode, "--out", str(tmp_path / mode)]
@@ -107,6 +109,7 @@ def test_quantize_cli_sizes_and_loading(base_run, tmp_path):
     # are measured in BENCHMARKS.md and tested in test_quantize.py.
 
 
+@pytest.mark.slow  # runs the CLI as a process
 @pytest.mark.parametrize("args, pattern", [
     (["--mode", "int3"], "int8 or int4"),
     (["--mode", "int4", "--group_size", "48"], "group"),
@@ -118,6 +121,7 @@ def test_quantize_bad_input(base_run, tmp_path, args, pattern):
     assert len(lines) == 1 and pattern in lines[0] and "Traceback" not in status.stderr
 
 
+@pytest.mark.slow  # runs the CLI as a process
 def test_quantizing_twice_and_mismatched_adapter_are_refused(base_run, tmp_path):
     assert run_cli("quantize", "--checkpoint", str(base_run), "--mode", "int8", "--out",
                    str(tmp_path / "q8")).returncode == 0
@@ -136,6 +140,7 @@ def test_quantizing_twice_and_mismatched_adapter_are_refused(base_run, tmp_path)
     assert status.returncode == 2 and "different base" in status.stderr
 
 
+@pytest.mark.slow  # runs the CLI as a process
 def test_quantize_never_overwrites_its_source_or_other_files(base_run, tmp_path):
     status = run_cli("quantize", "--checkpoint", str(base_run), "--mode", "int8", "--out", str(base_run))
     assert status.returncode == 2 and "overwrite" in status.stderr

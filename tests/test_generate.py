@@ -599,6 +599,7 @@ def test_speculative_sampling_follows_the_target_distribution_chi_square():
     assert stats.rounds < n  # several tokens per target forward
 
 
+@pytest.mark.slow  # 1,200 speculative generations
 def test_speculative_first_token_of_real_models_follows_target_softmax():
     V = 8
     target = tiny_model(vocab_size=V, n_layers=2, seed=4)

@@ -221,6 +221,7 @@ class Terminal:
             pass
 
 
+@pytest.mark.slow  # runs the CLI in a pseudo-terminal
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
 def test_repl_changes_settings_survives_ctrl_c_and_exits_on_ctrl_d(ckpt):
     term = Terminal(["-m", "mini_transformer", "generate", "--checkpoint", ckpt, "--device", "cpu",

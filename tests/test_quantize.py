@@ -321,6 +321,7 @@ def perplexity(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return math.exp(model(x, y).loss.item())
 
 
+@pytest.mark.slow  # its fixture trains 250 steps
 @pytest.mark.parametrize("mode,group_size,include_embedding,bound",
                          [("int8", 128, False, 0.01), ("int8", 128, True, 0.01),
                           ("int4", 32, False, 0.05), ("int4", 64, True, 0.05)])

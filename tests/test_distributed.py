@@ -380,11 +380,11 @@ def as_rank_0_of_2(monkeypatch):
 def test_global_batch_must_divide_by_batch_times_world_size(ws, run_cli, as_rank_0_of_2):
     line = _one_line_error(run_cli, "--config", str(ws.config), "--training.global_batch_size", "12")
     assert "training.global_batch_size (12)" in line and "4 x 2 = 8" in line and "use global_batch_size 16" in line
-    cfg = TrainingConfig(batch_size=4, global_batch_size=48)
-    resolve_global_batch(cfg, world_size=2)
+    given = TrainingConfig(batch_size=4, global_batch_size=48)
+    cfg = resolve_global_batch(given, world_size=2)
     assert cfg.gradient_accumulation_steps == 6
-    cfg = TrainingConfig(batch_size=4, global_batch_size=48)
-    resolve_global_batch(cfg, world_size=1)
+    assert given.gradient_accumulation_steps == 1  # a resolved copy; the given config is left alone
+    cfg = resolve_global_batch(TrainingConfig(batch_size=4, global_batch_size=48), world_size=1)
     assert cfg.gradient_accumulation_steps == 12
     with pytest.raises(UserError, match="world size = 4 x 5 = 20"):
         resolve_global_batch(TrainingConfig(batch_size=4, global_batch_size=48), world_size=5)

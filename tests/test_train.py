@@ -1,5 +1,6 @@
 """The training loop: learning, exact resume, accumulation, clipping, the NaN guard, checkpoints."""
 
+import copy
 import json
 import math
 import os
@@ -371,6 +372,29 @@ def test_a_fresh_run_never_overwrites_an_earlier_runs_checkpoints(tmp_path):
     quiet(small_config(tmp_path, max_iters=4))
     with pytest.raises(UserError, match="already holds checkpoints.*--resume"):
         quiet(small_config(tmp_path, max_iters=4))
+
+
+def test_the_callers_config_is_left_as_it_was(tmp_path):
+    """What a run derives (accumulation from a global batch, the vocabulary from the tokenizer, a
+    fine-tuning run's architecture from its base) goes into trainer.config, a copy."""
+    config = small_config(tmp_path / "base", max_iters=2, eval_interval=2, global_batch_size=8)
+    before = copy.deepcopy(config)
+    trainer = Trainer(config, progress=False, log=None)
+    trainer.setup()
+    result = trainer.run()
+    trainer.close()
+    assert config == before and config.model.vocab_size is None
+    assert result.config is trainer.config and trainer.config is not config
+    assert trainer.config.training.gradient_accumulation_steps == 2
+    assert trainer.config.model.vocab_size == trainer.tokenizer.vocab_size
+    assert ckpt.read_config(tmp_path / "base" / "out").model == trainer.config.model  # what was recorded
+
+    tuned = small_config(tmp_path / "tuned", max_iters=2, eval_interval=2, init_from=str(tmp_path / "base" / "out"))
+    tuned.model.n_layers, tuned.model.dropout = 3, 0.2
+    before = copy.deepcopy(tuned)
+    result = quiet(tuned)
+    assert tuned == before
+    assert result.config.model.n_layers == 2 and result.config.model.dropout == 0.2  # the base's shape
 
 
 def test_lora_without_a_base_is_refused(tmp_path):

@@ -7,7 +7,8 @@ The model itself stays single-device; DDP or FSDP2 is applied here, from outside
 * ``fsdp``: :func:`torch.distributed.fsdp.fully_shard` on every block, then on the root, so
   parameters, gradients and optimizer state are sharded over the ranks and each block's weights
   are all-gathered only while it runs. Checkpoints are gathered into the ordinary single-process
-  format (full weights in safetensors, an id-keyed optimizer state), so they load anywhere.
+  format (full weights in safetensors, an id-keyed optimizer state), so they load anywhere; a
+  resumed run loads them into the sharded model and optimizer, each rank keeping its shard.
 
 The global batch (sequences per optimizer step) is ``batch_size x gradient_accumulation_steps x
 world_size``; ``training.global_batch_size`` fixes it and derives the accumulation steps.
@@ -16,6 +17,7 @@ world_size``; ``training.global_batch_size`` fixes it and derives the accumulati
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 from collections.abc import Iterator
@@ -53,10 +55,31 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def resolve_global_batch(cfg: TrainingConfig, world_size: int) -> None:
-    """Derive ``gradient_accumulation_steps`` from ``global_batch_size`` (if set), in place."""
+def planned_world_size(cfg: TrainingConfig) -> int:
+    """How many processes train together: torchrun's ``WORLD_SIZE``, or 1 for a plain process.
+
+    Refuses torchrun with several processes and ``distributed: none``, which would train
+    independent copies into one out_dir. Reads the environment only: nothing is joined yet.
+    """
+    if not launched_by_torchrun():
+        return 1
+    world_size = int(os.environ["WORLD_SIZE"])
+    if cfg.distributed == "none":
+        if world_size > 1:
+            raise UserError(f"training.distributed is none but torchrun started {world_size} processes, which "
+                            "would train independent copies into one out_dir; use distributed auto/ddp/fsdp, "
+                            "or python")
+        return 1
+    return world_size
+
+
+def resolve_global_batch(cfg: TrainingConfig, world_size: int) -> TrainingConfig:
+    """``cfg`` with ``gradient_accumulation_steps`` derived from ``global_batch_size`` (if set).
+
+    Returns a new config where something is derived; ``cfg`` itself is never changed.
+    """
     if cfg.global_batch_size is None:
-        return
+        return cfg
     per_micro_step = cfg.batch_size * world_size
     if cfg.global_batch_size <= 0 or cfg.global_batch_size % per_micro_step:
         fits = max(1, round(cfg.global_batch_size / per_micro_step)) * per_micro_step
@@ -64,7 +87,7 @@ def resolve_global_batch(cfg: TrainingConfig, world_size: int) -> None:
             f"training.global_batch_size ({cfg.global_batch_size}) must be a positive multiple of "
             f"batch_size x world size = {cfg.batch_size} x {world_size} = {per_micro_step}; "
             f"use global_batch_size {fits}, or another batch_size or number of processes")
-    cfg.gradient_accumulation_steps = cfg.global_batch_size // per_micro_step
+    return dataclasses.replace(cfg, gradient_accumulation_steps=cfg.global_batch_size // per_micro_step)
 
 
 def check_fsdp_supported(device_type: str, backend: str, dtype: str) -> None:
@@ -89,19 +112,13 @@ def init_distributed(cfg: TrainingConfig, device_type: str,
                      timeout_s: Optional[float] = None) -> DistributedContext:
     """Join the process group when started by torchrun; a no-op for a single process.
 
-    Also resolves ``global_batch_size`` against the world size (for a single process too).
     Every check that can fail runs before joining the group, so a bad config fails each rank
-    at once with the same one-line error instead of leaving the others waiting.
+    at once with the same one-line error instead of leaving the others waiting. (The global
+    batch is checked before this, by :func:`resolve_global_batch`.)
     """
-    torchrun = launched_by_torchrun()
-    world_size = int(os.environ["WORLD_SIZE"]) if torchrun else 1
-    if torchrun and world_size > 1 and cfg.distributed == "none":
-        raise UserError(f"training.distributed is none but torchrun started {world_size} processes, which would "
-                        "train independent copies into one out_dir; use distributed auto/ddp/fsdp, or python")
-    if not torchrun or cfg.distributed == "none":
-        resolve_global_batch(cfg, 1)
+    world_size = planned_world_size(cfg)
+    if not launched_by_torchrun() or cfg.distributed == "none":
         return DistributedContext()
-    resolve_global_batch(cfg, world_size)
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     mode = "ddp" if cfg.distributed == "auto" else cfg.distributed
@@ -227,6 +244,29 @@ def checkpointable_model(model: torch.nn.Module, ctx: DistributedContext) -> Any
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # stored once, as the embedding, like a single process does
     return GatheredModel(state, model.config)
+
+
+def shard_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
+                     ctx: DistributedContext) -> dict[str, torch.Tensor]:
+    """Full weights (as saved) as ``model.load_state_dict`` takes them: under FSDP each tensor
+    is cut to this rank's shard of the parameter it loads into; otherwise ``state`` itself.
+
+    Every rank passes the whole state (each reads the checkpoint itself) and slices its own
+    shard, so nothing is sent between ranks.
+    """
+    if not ctx.fsdp:
+        return state
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    current = model.state_dict()
+    sharded = {}
+    for name, tensor in state.items():
+        target = current.get(name)
+        if isinstance(target, DTensor):
+            tensor = distribute_tensor(tensor.to(target.device), target.device_mesh, target.placements,
+                                       src_data_rank=None)
+        sharded[name] = tensor
+    return sharded
 
 
 def _parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

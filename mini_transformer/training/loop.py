@@ -10,6 +10,8 @@ the batch sampler, the grad scaler), so N steps in one run equal N/2 + N/2 with 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import gc
 import math
 import random
@@ -18,23 +20,26 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
 
 from .. import checkpoint as ckpt
-from ..config import Config
+from ..config import Config, TrainingConfig
 from ..device import allow_tf32_on_cuda, autocast, dtype_name, resolve_device, resolve_dtype, restore_tf32
 from ..errors import UserError
 from ..model import Transformer
-from .distributed import (DistributedContext, all_reduce_mean, checkpointable_model,
-                          full_optimizer_state_dict, gradient_sync, init_distributed, load_full_optimizer_state,
-                          local_scalar, shutdown, wrap_model)
+from .distributed import (DistributedContext, all_reduce_mean, checkpointable_model, full_optimizer_state_dict,
+                          gradient_sync, init_distributed, load_full_optimizer_state, local_scalar, planned_world_size,
+                          resolve_global_batch, shard_full_state, shutdown, wrap_model)
 from .flops import count_parameters, flops_per_token, measure_matmul_flops, model_flops_utilization
 from .metrics import MetricsLogger
 from .optim import build_optimizer
 from .schedule import dropout_at, learning_rate_at
+
+if TYPE_CHECKING:
+    from ..data import PreparedData, RandomBatchSampler
 
 TROUBLESHOOTING = (
     "the loss is not finite; lower training.learning_rate (try 1e-4), increase training.warmup_iters, "
@@ -52,6 +57,7 @@ class TrainResult:
     checkpoint: Optional[Path] = None
     interrupted: bool = False
     seconds: float = 0.0
+    config: Optional[Config] = None  # as resolved for the run (the caller's is left as it was)
 
 
 class _StopFlag:
@@ -109,29 +115,57 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    """Holds the state of one run. ``Trainer(config).run()`` trains; see :func:`train`."""
+    """Holds the state of one run: ``setup()`` builds it, ``run()`` trains; see :func:`train`.
+
+    The ``config`` passed in is never changed. ``trainer.config`` is a resolved copy: the
+    accumulation steps a global batch implies, and after :meth:`setup` a fine-tuning run's
+    architecture and the tokenizer's vocabulary size. It is what checkpoints record. The
+    device and dtype that ``auto`` picks are ``trainer.device`` and ``trainer.dtype``; the
+    recorded config keeps ``auto``, so that it runs on other machines too.
+    """
 
     def __init__(self, config: Config, *, resume: bool = False, progress: bool = True,
                  log: Any = print):
-        self.config = config
-        self.t = config.training
         self.resume = resume
         self.progress = progress
         self.log = log
-        self.device = resolve_device(self.t.device)
+        self.device = resolve_device(config.training.device)
+        config = copy.deepcopy(config)  # the caller's stays as passed
+        # Resolved (and checked) before joining a process group, so that a bad global batch
+        # fails every rank at once.
+        training = resolve_global_batch(config.training, planned_world_size(config.training))
+        self.config: Config = dataclasses.replace(config, training=training)
         self.dist: DistributedContext = init_distributed(self.t, self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self._tf32_before = allow_tf32_on_cuda(self.device)  # restored by close()
         self.dtype = resolve_dtype(self.t.dtype, self.device)
         self.out_dir = Path(self.t.out_dir)
+
+        # Built by setup(), in this order.
+        self.data: Optional[PreparedData] = None
+        self.tokenizer: Any = None
+        self.train_sampler: Optional[RandomBatchSampler] = None
+        self.model: Optional[Transformer] = None  # evaluation and checkpoints use it directly
+        self._base_weights_hash: Optional[str] = None  # of a LoRA run's frozen base
+        self.step_model: Optional[torch.nn.Module] = None  # the training step's: compiled, DDP or FSDP
+        self.trainable_params: list[torch.nn.Parameter] = []
+        self.optimizer: Optional[torch.optim.AdamW] = None
+        self.scaler: Optional[torch.amp.GradScaler] = None
+        self._skips_on_device = False  # whether fused AdamW skips non-finite steps by itself
+        self.metrics: Optional[MetricsLogger] = None  # rank 0 only
+
+        # Where the run stands: from step 0, or from a resumed checkpoint.
         self.step = 0
         self.best_val_loss: Optional[float] = None
         self.bad_steps = 0  # non-finite steps in a row
         # Steps whose loss, gradient norm and finiteness the host has not read yet: (step, tensors).
         self._pending: list[tuple[int, torch.Tensor]] = []
-        self._base_weights_hash: Optional[str] = None  # of a LoRA run's frozen base
-        self._resume_optimizer_state: Optional[dict[str, Any]] = None  # loaded once the model is wrapped
+
+    @property
+    def t(self) -> TrainingConfig:
+        """The resolved training section."""
+        return self.config.training
 
     # -- set-up -------------------------------------------------------------------------------
     def _say(self, message: str) -> None:
@@ -139,69 +173,79 @@ class Trainer:
             self.log(message)
 
     def setup(self) -> None:
-        from ..data import RandomBatchSampler, check_split_lengths, prepare_dataset
+        """Build the run, each piece once, in one order: the data and the resolved config; the
+        model (fresh, or a base checkpoint's weights); LoRA; the wrapping (compile, DDP or
+        FSDP); the optimizer; then, when resuming, all of the checkpoint's state."""
+        seed_everything(self.t.seed)
+        resume_dir, base_dir = self._checkpoints_to_read()
+        self._prepare_data_and_config(resume_dir, base_dir)
+        if resume_dir is not None:
+            self._check_resumable(resume_dir)
+        self.model = self._build_model(base_dir)
+        self._apply_lora()
+        torch.manual_seed(self.t.seed + self.dist.rank)  # the init above is shared; dropout masks differ per rank
+        self.step_model = wrap_model(self.model, self.dist, self.device, compile=self.t.compile, dtype=self.dtype)
+        self._build_optimizer()  # after wrapping: FSDP swapped in the sharded parameters it must hold
+        if resume_dir is not None:
+            self._load_resume_state(resume_dir)
+        self._open_outputs(resumed=resume_dir is not None)
+        self._describe()
 
-        t, cfg = self.t, self.config
-        seed_everything(t.seed)
+    def _checkpoints_to_read(self) -> tuple[Optional[Path], Optional[Path]]:
+        """(the checkpoint to resume, the base checkpoint to fine-tune); either may be None."""
+        t = self.t
         resume_dir = ckpt.resolve_checkpoint(self.out_dir, prefer="latest") if self.resume else None
         base_dir = ckpt.resolve_checkpoint(t.init_from, prefer="best") if t.init_from and not self.resume else None
-
         if not self.resume:  # on every rank, so that all of them stop, not only rank 0
             _refuse_to_overwrite(self.out_dir)
-        if cfg.advanced.use_lora and not t.init_from:
+        if self.config.advanced.use_lora and not t.init_from:
             raise UserError("advanced.use_lora trains adapters on top of a trained model: set training.init_from "
                             "to its checkpoint, or use `mini-transformer finetune --checkpoint DIR`")
-        # The tokenizer of a checkpoint wins: resumed and fine-tuned runs must encode the same way.
-        tokenizer = ckpt.load_tokenizer_from(resume_dir or base_dir) if (resume_dir or base_dir) else None
-        # A fine-tuning run has the architecture of its base (for a resumed one, the checkpoint's).
+        return resume_dir, base_dir
+
+    def _prepare_data_and_config(self, resume_dir: Optional[Path], base_dir: Optional[Path]) -> None:
+        """Tokenize the data and resolve the model section: a fine-tuning run has its base's
+        architecture (a resumed one its checkpoint's) with this run's dropout, and
+        ``vocab_size`` defaults to the tokenizer's."""
+        from ..data import RandomBatchSampler, check_split_lengths, prepare_dataset
+
+        t, model = self.t, self.config.model
         arch_dir = base_dir or (resume_dir if t.init_from else None)
         if arch_dir is not None:
-            dropout = cfg.model.dropout
-            cfg.model = ckpt.read_config(arch_dir).model
-            cfg.model.dropout = dropout
-        self.data = prepare_dataset(cfg.data, tokenizer=tokenizer, progress=self.progress and self.dist.is_main,
+            model = dataclasses.replace(ckpt.read_config(arch_dir).model, dropout=model.dropout)
+        # The tokenizer of a checkpoint wins: resumed and fine-tuned runs must encode the same way.
+        tokenizer = ckpt.load_tokenizer_from(resume_dir or base_dir) if (resume_dir or base_dir) else None
+        self.data = prepare_dataset(self.config.data, tokenizer=tokenizer, progress=self.progress and self.dist.is_main,
                                     dist=self.dist)
         self.tokenizer = self.data.tokenizer
         vocab = self.tokenizer.vocab_size
-        if cfg.model.vocab_size is None:
-            cfg.model.vocab_size = vocab
-        elif cfg.model.vocab_size < vocab:
-            raise UserError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+        if model.vocab_size is None:
+            model = dataclasses.replace(model, vocab_size=vocab)
+        elif model.vocab_size < vocab:
+            raise UserError(f"model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's "
                             f"vocabulary ({vocab}); remove model.vocab_size or set it to at least {vocab}")
-        check_split_lengths(self.data, cfg.model.block_size)
-        cfg.validate()
+        check_split_lengths(self.data, model.block_size)
+        self.config = dataclasses.replace(self.config, model=model)
+        self.config.validate()
+        self.train_sampler = RandomBatchSampler(
+            self.data.train, batch_size=t.batch_size, block_size=model.block_size, seed=t.seed,
+            rank=self.dist.rank, world_size=self.dist.world_size, device=self.device)
 
-        torch.manual_seed(t.seed)  # the same initial weights on every rank
-        self.model = Transformer(cfg.model).to(self.device)
+    def _check_resumable(self, directory: Path) -> None:
+        """Refuse a checkpoint of another model shape before building anything."""
+        saved = ckpt.read_config(directory)
+        if ckpt.model_fingerprint(saved.model) != ckpt.model_fingerprint(self.config.model):
+            raise UserError(f"--resume: the checkpoint in {directory} is of a different model shape "
+                            f"({_shape(saved)} vs {_shape(self.config)}); use its config or another out_dir")
+
+    def _build_model(self, base_dir: Optional[Path]) -> Transformer:
+        torch.manual_seed(self.t.seed)  # the same initial weights on every rank
+        model = Transformer(self.config.model).to(self.device)
         if base_dir is not None:
-            ckpt.load_weights_into(self.model, ckpt.read_weights(base_dir / ckpt.WEIGHTS_FILE), base_dir)
+            ckpt.load_weights_into(model, ckpt.read_weights(base_dir / ckpt.WEIGHTS_FILE), base_dir)
             self._say(f"initialised from {base_dir}")
-        self._apply_lora()
-        torch.manual_seed(t.seed + self.dist.rank)  # the init above is shared; dropout masks differ per rank
-        self.model.gradient_checkpointing = t.gradient_checkpointing
-        self.optimizer = build_optimizer(self.model, t, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
-        # Fused AdamW can skip a non-finite step on the device (its found_inf input, which
-        # GradScaler uses), so the host need not wait for each step's loss. fp16 loss scaling
-        # and FSDP's sharded norms keep the host-side decision.
-        self._skips_on_device = bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled() \
-            and self.dist.mode != "fsdp"
-
-        sampler_kwargs = dict(batch_size=t.batch_size, block_size=cfg.model.block_size, seed=t.seed,
-                              rank=self.dist.rank, world_size=self.dist.world_size, device=self.device)
-        self.train_sampler = RandomBatchSampler(self.data.train, **sampler_kwargs)
-        if resume_dir is not None:
-            self._load_resume_state(resume_dir)
-        self.step_model = self._wrap_model()
-        # After wrapping: FSDP replaces the parameters with sharded ones.
-        self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.metrics = MetricsLogger(self.out_dir, tensorboard=t.tensorboard,
-                                     resume_step=self.step if resume_dir is not None else None) \
-            if self.dist.is_main else None
-        if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.out_dir / "config.yaml")
-        self._describe()
+        model.gradient_checkpointing = self.t.gradient_checkpointing
+        return model
 
     def _apply_lora(self) -> None:
         a = self.config.advanced
@@ -215,23 +259,26 @@ class Trainer:
         trainable, total, fraction = lora_parameter_counts(self.model)
         self._say(f"LoRA rank {a.lora_rank}: {trainable:,} trainable of {total:,} parameters ({fraction:.2%})")
 
-    def _wrap_model(self) -> torch.nn.Module:
-        model = wrap_model(self.model, self.dist, self.device, compile=self.t.compile, dtype=self.dtype)
-        if self.dist.fsdp:  # fully_shard swapped in sharded parameters: the optimizer must hold those
-            self.optimizer = build_optimizer(self.model, self.t, self.device)
-        if self._resume_optimizer_state is not None:  # FSDP keeps only this rank's shard of it
-            load_full_optimizer_state(self.model, self.optimizer, self._resume_optimizer_state, self.dist)
-            self._resume_optimizer_state = None
-        return model
+    def _build_optimizer(self) -> None:
+        """AdamW over the trainable parameters (under FSDP, their shards), and the fp16 loss scaler."""
+        self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, self.t, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
+        # Fused AdamW can skip a non-finite step on the device (its found_inf input, which
+        # GradScaler uses), so the host need not wait for each step's loss. fp16 loss scaling
+        # and FSDP's sharded norms keep the host-side decision.
+        self._skips_on_device = bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled() \
+            and self.dist.mode != "fsdp"
 
     def _load_resume_state(self, directory: Path) -> None:
-        saved = ckpt.read_config(directory)
-        if ckpt.model_fingerprint(saved.model) != ckpt.model_fingerprint(self.config.model):
-            raise UserError(f"--resume: the checkpoint in {directory} is of a different model shape "
-                            f"({_shape(saved)} vs {_shape(self.config)}); use its config or another out_dir")
-        ckpt.load_weights_into(self.model, ckpt.read_weights(directory / ckpt.WEIGHTS_FILE), directory)
+        """Everything a resumed run continues from: the weights, the optimizer and loss-scaler
+        state, the batch sampler's position, the step and best loss, and (last, since building
+        the model drew from them) the RNGs."""
+        weights = ckpt.read_weights(directory / ckpt.WEIGHTS_FILE)
+        # Into the wrapped model: under FSDP each rank keeps its shard of the full weights.
+        ckpt.load_weights_into(self.model, shard_full_state(self.model, weights, self.dist), directory)
         state = ckpt.read_train_state(directory)
-        self._resume_optimizer_state = state["optimizer"]
+        load_full_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
         self.scaler.load_state_dict(state["scaler"])
         self.train_sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
@@ -243,6 +290,15 @@ class Trainer:
         else:
             set_rng_state(rngs[self.dist.rank] if isinstance(rngs, list) else rngs)
         self._say(f"resumed from {directory} at step {self.step}")
+
+    def _open_outputs(self, resumed: bool) -> None:
+        """Rank 0 alone writes: the metrics log (a resumed run's cut back to its step) and the config."""
+        if not self.dist.is_main:
+            return
+        self.metrics = MetricsLogger(self.out_dir, tensorboard=self.t.tensorboard,
+                                     resume_step=self.step if resumed else None)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.config.save(self.out_dir / "config.yaml")
 
     def _describe(self) -> None:
         t, m = self.t, self.config.model
@@ -423,7 +479,7 @@ class Trainer:
 
         t, m = self.t, self.config.model
         started = time.perf_counter()
-        result = TrainResult(self.out_dir, self.step, self.best_val_loss, None)
+        result = TrainResult(self.out_dir, self.step, self.best_val_loss, None, config=self.config)
         # MFU's ceiling: this device's matmul rate in the training dtype, timed now. It is lower
         # than the hardware's rated peak, which real matmuls rarely reach.
         matmul_flops_per_s = measure_matmul_flops(self.device, self.dtype)
@@ -516,7 +572,7 @@ class Trainer:
             self.metrics.log(record)
 
     def close(self) -> None:
-        if getattr(self, "metrics", None) is not None:
+        if self.metrics is not None:
             self.metrics.close()
         if self.dist.enabled:
             # Free DDP/FSDP (which hold the process group) while Python is fully alive: left to
@@ -540,7 +596,8 @@ def _shape(config: Config) -> str:
 
 
 def train(config: Config, *, resume: bool = False, progress: bool = True, log: Any = print) -> TrainResult:
-    """Train with ``config``; returns the final step, losses and the best/final val loss."""
+    """Train with ``config`` (left unchanged); returns the final step, losses, the best/final val
+    loss and the config as resolved for the run."""
     trainer = Trainer(config, resume=resume, progress=progress, log=log)
     try:
         trainer.setup()

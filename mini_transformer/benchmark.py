@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from .atomic import atomic_write_text
 from .config import Config, ModelConfig, load_config
+from .decode_layout import to_decode_layout
 from .device import autocast, cpu_flags, cpuinfo_field, dtype_name, resolve_device, resolve_dtype
 from .errors import UserError
 from .generation import generate
@@ -163,7 +164,7 @@ def bench_preset(preset: str, settings: BenchSettings) -> dict[str, Any]:
     mfu = flops_per_token(config)[1] * tokens_per_s / peak
 
     model.eval()
-    gen_model = model.to(dtype) if dtype is not torch.float32 else model
+    gen_model = to_decode_layout(model.to(dtype) if dtype is not torch.float32 else model)
     prompt = list(range(1, settings.prompt_tokens + 1))
     gen_seconds = median_time(our_generation_fn(gen_model, prompt, settings.gen_tokens,
                                                 compile_model=settings.compile), 3, 1, device)
@@ -255,6 +256,7 @@ def compare_with_hf(preset: str, dtype_spec: str, batch_size: int = 32, block_si
         model.eval()
         if dtype is not torch.float32:
             model.to(dtype)
+    to_decode_layout(ours)  # as load_for_inference gives it to generate
     input_ids = torch.tensor([prompt], device=device)
     attention_mask = torch.ones_like(input_ids)
 

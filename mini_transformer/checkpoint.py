@@ -33,6 +33,7 @@ import yaml
 
 from .atomic import atomic_directory, atomic_write, atomic_write_text
 from .config import Config
+from .decode_layout import to_decode_layout
 from .errors import UserError
 from .model import Transformer
 from .safetensors_io import read_safetensors, write_safetensors
@@ -259,7 +260,8 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
 
     ``adapter`` adds a LoRA adapter directory (checked against this base); ``dtype`` casts the
     weights, on the CPU before they move, so a model that fits ``device`` only in half precision
-    loads; ``quantize`` (``int8``/``int4``) quantizes them. The model is in eval mode on ``device``.
+    loads; ``quantize`` (``int8``/``int4``) quantizes them. The model is in eval mode on ``device``,
+    its CPU float32 linear weights in the decode layout (:mod:`~mini_transformer.decode_layout`).
     ``config`` is the checkpoint's config when the caller has read it already (:func:`read_config`,
     its ``generation`` and ``advanced`` sections perhaps adjusted), so it is not read twice.
     """
@@ -278,7 +280,7 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
         if not is_quantized(model):
             model = quantize_model(model, quantize, group_size or config.advanced.quantize_group_size,
                                    include_embedding=config.advanced.quantize_embedding)
-    model = model.to(device)
+    model = to_decode_layout(model.to(device))
     model.eval()
     return model, config, load_tokenizer_from(directory)
 

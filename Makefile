@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # Tiers (pytest markers, registered in pyproject.toml): `test` runs everything, as CI does;
-# `test-fast` leaves out the `slow` tests (processes, compiling, long training: under 2 minutes
-# on 2 CPUs); `test-gpu` runs only the CUDA tests, which skip, saying why, without a GPU.
+# `test-fast` leaves out the `slow` tests (processes, compiling, many training or sampling steps:
+# under 2 minutes on 2 CPUs); `test-gpu` runs only the CUDA tests, which skip, saying why, without a GPU.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from mini_transformer import checkpoint as ckpt
 from mini_transformer.config import ModelConfig, load_config
 from mini_transformer.errors import UserError
-from mini_transformer.generation import generate
+from mini_transformer.generation import KVCachePool, generate, generate_stream
 from mini_transformer.model import Transformer, flash_attn_available
 from mini_transformer.training import train
 
@@ -95,8 +95,9 @@ def test_flash_attn_equals_sdpa_and_the_explicit_softmax(monkeypatch, n_kv_heads
 @pytest.mark.slow  # compiles
 def test_compiled_decoding_replays_a_cuda_graph_and_gives_the_eager_tokens(monkeypatch):
     """generate(compile=True) on CUDA records the decode step as a CUDA graph and replays it per
-    token; the greedy tokens equal eager decoding past the context window (re-prefills), for a
-    second prompt on the same model (the caches the graph reads are reused) and a second model."""
+    token. Greedy tokens equal eager decoding: past the context window (re-prefills), for
+    generations that reuse a KVCachePool's cache (the addresses the graph reads), for two
+    generations interleaved on one model, and for a second model without a pool."""
     torch._dynamo.reset()
     replays = []
     real_replay = torch.cuda.CUDAGraph.replay
@@ -109,14 +110,24 @@ def test_compiled_decoding_replays_a_cuda_graph_and_gives_the_eager_tokens(monke
     model, other = tiny_model().to(CUDA), tiny_model(seed=1).to(CUDA)
     n = 2 * model.config.block_size
     prompts = [[3, 14, 15, 9, 26], [7, 1]]
-    compiled = [generate(model, p, max_new_tokens=n, temperature=0, compile=True) for p in prompts]
-    compiled_other = generate(other, prompts[0], max_new_tokens=12, temperature=0, compile=True)
-    # Most decode steps are replays (the first calls of a new shape warm up and record).
-    assert len(replays) >= n // 2, len(replays)
     eager = [generate(model, p, max_new_tokens=n, temperature=0) for p in prompts]
+    assert all(len(set(tokens)) > 3 for tokens in eager)
+
+    pool = KVCachePool()
+    compiled = [generate(model, p, max_new_tokens=n, temperature=0, compile=True, cache_pool=pool)
+                for p in prompts]
     assert compiled == eager
-    assert all(len(set(tokens)) > 3 for tokens in compiled)
-    assert compiled_other == generate(other, prompts[0], max_new_tokens=12, temperature=0)
+    # Most decode steps were replays (a new shape's first calls warm up and record).
+    assert len(replays) >= n // 2, len(replays)
+
+    # Two generations at once on one model, a step of each in turn, each with its own cache.
+    streams = [generate_stream(model, p, max_new_tokens=n, temperature=0, compile=True, cache_pool=pool)
+               for p in prompts]
+    steps = list(zip(*streams))  # a token of each per step, pulled in turn
+    assert [[first for first, _ in steps], [second for _, second in steps]] == eager
+
+    assert generate(other, prompts[0], max_new_tokens=12, temperature=0, compile=True) == \
+        generate(other, prompts[0], max_new_tokens=12, temperature=0)
 
 
 # -- fused AdamW skips a non-finite step on the device ---------------------------------------------

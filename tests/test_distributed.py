@@ -244,6 +244,7 @@ def fsdp_resumed(ws) -> tuple[Path, Path]:
 
 # -- DDP ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # torchrun
 def test_ddp_equals_one_process_with_the_same_global_batch(ws, single_run, ddp_run):
     out_dir, result = ddp_run
     assert_same_run(out_dir, single_run)
@@ -253,16 +254,19 @@ def test_ddp_equals_one_process_with_the_same_global_batch(ws, single_run, ddp_r
     assert result.stdout.count("final: exact val loss") == 1
 
 
+@pytest.mark.slow  # torchrun
 def test_ddp_leaves_the_same_files_as_one_process(single_run, ddp_run):
     assert files(ddp_run[0]) == files(single_run)
 
 
+@pytest.mark.slow  # torchrun
 def test_ddp_resume_continues_exactly(ddp_run, ddp_resumed):
     out_dir, _ = ddp_resumed
     assert sorted(curve(out_dir, "train_loss")) == list(range(1, STEPS + 1))  # one history, no repeats
     assert_same_run(out_dir, ddp_run[0])
 
 
+@pytest.mark.slow  # torchrun
 def test_only_rank_0_writes(single_run, ddp_resumed):
     out_dir, rank1_writes = ddp_resumed
     assert rank1_writes == []  # neither the fresh run nor the resumed one
@@ -274,6 +278,7 @@ def single_accum_run(ws) -> Path:
     return ws.single("single_accum", "--training.global_batch_size", "16", "--training.max_iters", "3")
 
 
+@pytest.mark.slow  # torchrun
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_accumulation_under_torchrun_equals_one_process(ws, single_accum_run, mode):
     # global_batch_size 16 = batch 4 x accumulation 2 x 2 ranks = batch 8 x accumulation 2 x 1.
@@ -315,6 +320,7 @@ def test_gradient_sync_is_skipped_on_all_but_the_last_micro_step():
 
 # -- FSDP -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # torchrun
 def test_fsdp_trains_resumes_and_saves_single_process_checkpoints(ws, single_run, fsdp_resumed):
     """FSDP2 runs on CPU with gloo (PyTorch 2.13): 3 + 3 resumed steps equal 6 in one process."""
     out_dir, half = fsdp_resumed
@@ -335,6 +341,7 @@ def test_fsdp_trains_resumes_and_saves_single_process_checkpoints(ws, single_run
 
 # -- failures -------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # torchrun
 @pytest.mark.parametrize("fault", ["raise", "hang"])
 def test_a_failing_rank_fails_the_job_quickly(ws, fault):
     # A rank that raises is noticed by torchrun; one that hangs makes the others' collectives time
@@ -350,6 +357,7 @@ def test_a_failing_rank_fails_the_job_quickly(ws, fault):
         assert "Timed out" in result.stderr  # rank 0's collective gave up after dist_timeout_s
 
 
+@pytest.mark.slow  # torchrun
 def test_resume_with_another_model_shape_fails_under_ddp(ws, ddp_run):
     shutil.copytree(ddp_run[0], ws.root / "ddp_shape")
     result = ws.launch("ddp_shape", "--resume", "--model.d_model", "64", check=False)

@@ -334,6 +334,7 @@ while True:
 """
 
 
+@pytest.mark.slow  # runs training as a process
 def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "out"
     script = tmp_path / "saver.py"
@@ -351,6 +352,7 @@ def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
         assert ckpt.read_train_state(directory)["step"] == step
 
 
+@pytest.mark.slow  # runs training as a process
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     config = small_config(tmp_path, max_iters=100000, eval_interval=100000)
     config.save(tmp_path / "run.yaml")

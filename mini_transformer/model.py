@@ -307,12 +307,20 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_cache(config.block_size, config.head_dim, config.rope_base)
-        # Computed once; not saved in checkpoints (they follow from the config).
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_rope()
         self.gradient_checkpointing = False
         self.reset_parameters()
+
+    def init_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the RoPE tables on ``device`` (default: where the parameters are). They
+        are buffers that checkpoints do not hold, since they follow from the config; a model
+        built on the meta device calls this once its weights are loaded."""
+        config = self.config
+        if device is None:
+            device = self.norm.weight.device
+        cos, sin = rope_cache(config.block_size, config.head_dim, config.rope_base, device=device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     # -- initialisation -----------------------------------------------------------------
     def reset_parameters(self) -> None:

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .model import rope_cache
 
 # Config fields that do not change the weights: the same weights run with any dropout and kernel.
 _NOT_ARCHITECTURE = ("dropout", "attention")
@@ -108,12 +107,7 @@ def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def _compute_rope_tables(model: nn.Module) -> None:
-    """The Transformer's RoPE tables: non-persistent buffers, computed from the config on the CPU.
-
-    A model built on the meta device has them on the meta device too; ``Transformer.__init__``
-    computes them the same way.
-    """
-    if getattr(model, "rope_cos", None) is None or not model.rope_cos.is_meta:
-        return
-    config = model.config
-    model.rope_cos, model.rope_sin = rope_cache(config.block_size, config.head_dim, config.rope_base)
+    """A model built on the meta device has its RoPE tables there too: the model computes them."""
+    rope_cos = getattr(model, "rope_cos", None)
+    if rope_cos is not None and rope_cos.is_meta:
+        model.init_rope("cpu")

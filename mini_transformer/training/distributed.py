@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from ..config import TrainingConfig
 from ..errors import UserError
+from ..weights import tied_names
 
 
 @dataclass
@@ -241,8 +242,8 @@ def checkpointable_model(model: torch.nn.Module, ctx: DistributedContext) -> Any
     state = get_model_state_dict(model, options=_full_options(cpu_offload=True))
     if not ctx.is_main:
         return None
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)  # stored once, as the embedding, like a single process does
+    for alias in tied_names(model):  # a tied weight is stored once, like a single process does
+        state.pop(alias, None)
     return GatheredModel(state, model.config)
 
 

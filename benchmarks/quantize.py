@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mini_transformer.config import ModelConfig  # noqa: E402
-from mini_transformer.model import Transformer  # noqa: E402
+from mini_transformer.model import KVCache, Transformer  # noqa: E402
 from mini_transformer.quantize import (  # noqa: E402
     dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, quantize_model, save_quantized, unpack_int4,
 )
@@ -117,12 +117,11 @@ def decode_table(configs: dict[str, ModelConfig], group_size: int, repeats: int,
     for label, config in configs.items():
         for name, (model, _) in model_variants(config, group_size).items():
             idx = torch.randint(0, config.vocab_size, (1, prefill_len))
-            model.setup_kv_cache(1, prefill_len + 8)
-            model(idx, input_pos=torch.arange(prefill_len))
+            cache = KVCache.for_model(model, 1, prefill_len + 8)
+            model(idx, kv_cache=cache, input_pos=torch.arange(prefill_len))
             last = idx[:, -1:]
             pos = torch.tensor([prefill_len])
-            decode = timeit(lambda: model(last, input_pos=pos, logits_to_keep=1), repeats)
-            model.clear_kv_cache()
+            decode = timeit(lambda: model(last, kv_cache=cache, input_pos=pos, logits_to_keep=1), repeats)
             prefill = timeit(lambda: model(idx, logits_to_keep=1), max(2, repeats // 2), min_time=0.2)
             print(f"| {label} | {name} | {decode / 1e3:.2f} | {prefill / 1e3:.1f} |")
 

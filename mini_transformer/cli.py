@@ -14,7 +14,10 @@ import sys
 
 from .errors import UserError
 
-COMMANDS = ("prepare", "train", "finetune", "generate", "profile", "bench", "quantize", "merge", "plot")
+COMMANDS = ("prepare", "train", "finetune", "generate", "profile", "bench", "quantize", "merge", "plot",
+            "export", "import")
+# A command whose name is not a valid module name.
+MODULES = {"import": "import_hf"}
 
 EPILOG = """\
 examples:
@@ -37,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        module_name = f"mini_transformer.commands.{name}"
+        module_name = f"mini_transformer.commands.{MODULES.get(name, name)}"
         if importlib.util.find_spec(module_name) is None:  # a command not built yet
             continue
         importlib.import_module(module_name).register(subparsers)

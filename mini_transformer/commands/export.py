@@ -1,0 +1,69 @@
+"""``mini-transformer export``: write a checkpoint in another ecosystem's format."""
+
+from __future__ import annotations
+
+from .common import add_command
+
+# Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
+
+EXAMPLES = """\
+  mini-transformer export --checkpoint out --format hf --out out-hf
+  mini-transformer export --checkpoint out-finetune --format hf --out out-hf                # LoRA merged
+  mini-transformer export --checkpoint out-finetune --format hf --out out-hf --adapter-format peft
+  mini-transformer export --checkpoint out --adapter out-finetune/adapter --format hf --out out-hf
+  mini-transformer export --checkpoint out-int8 --format hf --out out-hf --dequantize
+
+then, in Python:
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+  model, tokenizer = AutoModelForCausalLM.from_pretrained("out-hf"), AutoTokenizer.from_pretrained("out-hf")
+  print(tokenizer.decode(model.generate(**tokenizer("ROMEO:", return_tensors="pt"), max_new_tokens=50)[0]))
+"""
+
+
+def _export_hf(args) -> None:
+    from ..interop.hf.export import export_hf
+
+    result = export_hf(args.checkpoint, args.out, adapter_format=args.adapter_format, dequantize=args.dequantize,
+                       adapter=args.adapter, adapter_out=args.adapter_out)
+    for notice in result.notices:
+        print(notice)
+    print(f"{result.architecture} written to {result.out_dir}")
+    if result.adapter_dir is not None:
+        print(f"PEFT adapter written to {result.adapter_dir} (peft.PeftModel.from_pretrained(model, "
+              f"{str(result.adapter_dir)!r}))")
+
+
+# Format -> its exporter; a new format is one more entry (and one more module under interop/).
+FORMATS = {"hf": _export_hf}
+
+
+def register(subparsers) -> None:
+    parser = add_command(
+        subparsers, "export", help="write a checkpoint as a Hugging Face transformers directory",
+        description="Write a checkpoint in another format. hf: a directory that transformers' "
+                    "AutoModelForCausalLM and AutoTokenizer load without custom code (norm: rmsnorm as "
+                    "LlamaForCausalLM, norm: layernorm as StableLmForCausalLM). A LoRA run exports merged, "
+                    "or as a PEFT adapter with --adapter-format peft.",
+        examples=EXAMPLES)
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint or a run's out_dir")
+    parser.add_argument("--format", default="hf", choices=sorted(FORMATS), help="the output format (default: hf)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where the exported directory goes")
+    parser.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (from finetune) to apply to the checkpoint")
+    parser.add_argument("--adapter-format", "--adapter_format", dest="adapter_format", default="merged",
+                        choices=("merged", "peft"),
+                        help="merged (default): LoRA folded into the weights; peft: the base weights plus a "
+                             "PEFT adapter directory")
+    parser.add_argument("--adapter-out", "--adapter_out", dest="adapter_out", metavar="DIR",
+                        help="with --adapter-format peft: where the PEFT adapter goes (default: OUT/adapter)")
+    parser.add_argument("--dequantize", action="store_true",
+                        help="export a quantized checkpoint as the float32 weights its quantized ones stand for")
+    parser.set_defaults(run=run)
+
+
+def run(args, overrides: list[str]) -> int:
+    from ..errors import UserError
+
+    if args.adapter_out is not None and args.adapter_format != "peft":
+        raise UserError("--adapter-out is only used with --adapter-format peft")
+    FORMATS[args.format](args)
+    return 0

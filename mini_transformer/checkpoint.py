@@ -254,16 +254,17 @@ def load_tokenizer_from(directory: Path):
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu", *,
                        adapter: Optional[str | os.PathLike] = None, quantize: Optional[str] = None,
-                       group_size: Optional[int] = None, dtype: Optional[torch.dtype] = None,
-                       config: Optional[Config] = None):
+                       group_size: Optional[int] = None, quantize_embedding: Optional[bool] = None,
+                       dtype: Optional[torch.dtype] = None, config: Optional[Config] = None):
     """``(model, config, tokenizer)`` from a checkpoint directory or a run's ``out_dir``.
 
     ``adapter`` adds a LoRA adapter directory (checked against this base); ``dtype`` casts the
     weights, on the CPU before they move, so a model that fits ``device`` only in half precision
-    loads; ``quantize`` (``int8``/``int4``) quantizes them. The model is in eval mode on ``device``,
-    its CPU float32 linear weights in the decode layout (:mod:`~mini_transformer.decode_layout`).
-    ``config`` is the checkpoint's config when the caller has read it already (:func:`read_config`,
-    its ``generation`` and ``advanced`` sections perhaps adjusted), so it is not read twice.
+    loads; ``quantize`` (``int8``/``int4``) quantizes them (``group_size`` and
+    ``quantize_embedding`` default to the checkpoint's settings). The model is in eval mode on
+    ``device``, its CPU float32 linear weights in the decode layout
+    (:mod:`~mini_transformer.decode_layout`). ``config`` is the checkpoint's own config when the
+    caller has read it already (:func:`read_config`), so it is not read twice; it builds the model.
     """
     directory = resolve_checkpoint(path, prefer="best")
     config = config or read_config(directory)
@@ -278,8 +279,9 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
         from .quantize import is_quantized, quantize_model
 
         if not is_quantized(model):
+            include_embedding = config.advanced.quantize_embedding if quantize_embedding is None else quantize_embedding
             model = quantize_model(model, quantize, group_size or config.advanced.quantize_group_size,
-                                   include_embedding=config.advanced.quantize_embedding)
+                                   include_embedding=include_embedding)
     model = to_decode_layout(model.to(device))
     model.eval()
     return model, config, load_tokenizer_from(directory)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mini_transformer import checkpoint as ckpt
-from mini_transformer.lora import lora_state_dict
+from mini_transformer.lora import load_adapter, lora_state_dict, read_adapter_config
 
 from .conftest import REPO_ROOT
 from .test_train import CORPUS, quiet, small_config
@@ -84,6 +84,11 @@ def test_lora_resume_continues_exactly(base_run, tmp_path):
                    resume=True)
     for a, b in zip(full.losses, first.losses + second.losses):
         assert abs(a - b) <= 1e-6
+    # The resumed run's adapter names the base it was trained on, so it loads onto that base.
+    adapter = tmp_path / "b" / "lora" / "adapter"
+    assert read_adapter_config(adapter)["base_weights_hash"] == \
+        read_adapter_config(tmp_path / "a" / "lora" / "adapter")["base_weights_hash"]
+    load_adapter(adapter, ckpt.load_model(ckpt.resolve_checkpoint(base_run)))
 
 
 def run_cli(*args):
@@ -162,3 +167,17 @@ def test_lora_resume_takes_the_base_architecture_not_the_run_config(tmp_path):
     resumed = quiet(lora_config(tmp_path / "ft", base_tmp / "out", max_iters=4, lr_decay_iters=4, eval_interval=2),
                     resume=True)
     assert resumed.step == 4
+
+
+def test_generate_builds_a_lora_run_from_its_own_config(base_run, tmp_path, capsys):
+    """Overrides of the LoRA settings change how generate samples, never how the run's model is
+    rebuilt: the adapters keep the rank, alpha and targets they were trained with."""
+    from mini_transformer.cli import main
+
+    quiet(lora_config(tmp_path, base_run, max_iters=4, eval_interval=4, learning_rate=5e-2))
+    outputs = []
+    for extra in ([], ["--advanced.lora_alpha", "200", "--advanced.lora_rank", "2"]):
+        assert main(["generate", "--checkpoint", str(tmp_path / "lora"), "--prompt", "the", "--max_tokens", "40",
+                     "--temperature", "0", *extra]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].strip()

@@ -9,6 +9,7 @@ conversation, the ``/commands``) is :mod:`mini_transformer.session`'s job.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -156,11 +157,13 @@ def read_config_sections(path: str | None, overrides: list[str]) -> tuple[dict[s
 
 
 def merged_config(base: Config, file_raw: dict[str, Any], override_raw: dict[str, Any], source: str) -> Config:
-    """``base`` (the checkpoint's config) with the generation-relevant parts of the file and overrides."""
+    """A copy of ``base`` (the checkpoint's config) with the generation-relevant parts of the file
+    and overrides; ``base`` itself still describes the checkpoint."""
+    merged = copy.deepcopy(base)
     keep = ("generation", "advanced")
-    merge_into(base, {k: v for k, v in file_raw.items() if k in keep}, source)
-    merge_into(base, {k: v for k, v in override_raw.items() if k in keep}, "command line")
-    return base
+    merge_into(merged, {k: v for k, v in file_raw.items() if k in keep}, source)
+    merge_into(merged, {k: v for k, v in override_raw.items() if k in keep}, "command line")
+    return merged
 
 
 def default_checkpoint(args: argparse.Namespace, file_raw: dict[str, Any], override_raw: dict[str, Any]) -> str:
@@ -230,13 +233,18 @@ def open_session(args: argparse.Namespace, overrides: list[str]) -> tuple[Sessio
     # The checkpoint's config is read once and merged with the file and the overrides first:
     # a bad --dtype is refused before the weights load, and the weights are cast before they move.
     directory = resolve_checkpoint(default_checkpoint(args, file_raw, override_raw), prefer="best")
-    config = merged_config(read_config(directory), file_raw, override_raw, args.config or "config")
+    saved = read_config(directory)
+    config = merged_config(saved, file_raw, override_raw, args.config or "config")
     settings = Settings.from_config(config.generation, **flag_settings(args))
     dtype = inference_dtype(args.dtype or config.generation.decode_dtype, device)
-    model, _, tokenizer = load_for_inference(directory, device, adapter=args.adapter, dtype=dtype, config=config,
-                                             quantize=args.quantize or config.advanced.quantize)
-    session = Session(model, tokenizer, settings)
+    # The model (and a LoRA run's adapters) is built from the checkpoint's own config; only how
+    # to quantize it comes from the merged one.
     advanced = config.advanced
+    model, _, tokenizer = load_for_inference(directory, device, adapter=args.adapter, dtype=dtype, config=saved,
+                                             quantize=args.quantize or advanced.quantize,
+                                             group_size=advanced.quantize_group_size,
+                                             quantize_embedding=advanced.quantize_embedding)
+    session = Session(model, tokenizer, settings)
     draft_dir = args.draft_checkpoint or (advanced.draft_checkpoint if advanced.speculative_sampling else None)
     if advanced.speculative_sampling and not draft_dir:
         raise UserError("advanced.speculative_sampling is on but no draft model is set; "

@@ -188,6 +188,12 @@ class Trainer:
         self._build_optimizer()  # after wrapping: FSDP swapped in the sharded parameters it must hold
         if resume_dir is not None:
             self._load_resume_state(resume_dir)
+        if self.config.advanced.use_lora:
+            from ..lora import base_weights_hash
+
+            # The frozen base, hashed once it holds its final weights (a resumed run's come from
+            # its checkpoint), for the adapter to name the base it was trained on.
+            self._base_weights_hash = base_weights_hash(self.model)
         self._open_outputs(resumed=resume_dir is not None)
         self._describe()
 
@@ -251,9 +257,8 @@ class Trainer:
         a = self.config.advanced
         if not a.use_lora:
             return
-        from ..lora import apply_lora, base_weights_hash, lora_parameter_counts
+        from ..lora import apply_lora, lora_parameter_counts
 
-        self._base_weights_hash = base_weights_hash(self.model)  # the base stays frozen: hashed once
         apply_lora(self.model, rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
                    targets=tuple(a.lora_targets))
         trainable, total, fraction = lora_parameter_counts(self.model)

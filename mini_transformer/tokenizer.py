@@ -14,7 +14,12 @@ kind       vocabulary                              special tokens
 ``bpe``    byte-level BPE trained on your text     ``<|endoftext|>`` = 0 (``eos_id`` = ``bos_id``)
            with Hugging Face ``tokenizers``
 ``gpt2``   GPT-2's BPE via ``tiktoken`` (50257)    ``<|endoftext|>`` = 50256 (``eos_id`` = ``bos_id``)
+``hf``     a Hugging Face ``tokenizer.json``,      the directory's own: ``bos_id``/``eos_id`` from
+           imported with its model                 its tokenizer_config (``<s>``, ``</s>``, ...)
 =========  ======================================  ===============================================
+
+The first four are built from data (``KINDS``, the choices of ``--data.tokenizer``); ``hf`` comes
+only from an imported model (:func:`mini_transformer.interop.hf.tokenizer.load_hf_tokenizer`).
 
 Text is always encoded as *ordinary* text: the characters ``<|endoftext|>`` inside a document are
 encoded as those characters, not as the special token, so encoding is lossless and a document
@@ -26,7 +31,7 @@ caller decodes the growing list of ids and holds back a trailing U+FFFD until th
 completes the character.
 
 ``tokenizers`` and ``tiktoken`` are optional extras (``pip install 'mini-transformer[bpe]'`` /
-``[gpt2]``) and are imported only when a ``bpe`` / ``gpt2`` tokenizer is used.
+``[gpt2]``) and are imported only when a ``bpe``/``hf`` / ``gpt2`` tokenizer is used.
 """
 
 from __future__ import annotations
@@ -215,18 +220,53 @@ class ByteTokenizer(Tokenizer):
         return cls()
 
 
-# -- bpe (Hugging Face tokenizers) -----------------------------------------------------------
+# -- bpe and hf (Hugging Face tokenizers) ----------------------------------------------------
 
-def _import_tokenizers():
+def import_tokenizers():
     try:
         import tokenizers
     except ImportError:
-        raise UserError("the bpe tokenizer needs the 'tokenizers' package; install it with "
+        raise UserError("the bpe and hf tokenizers need the 'tokenizers' package; install it with "
                         "pip install 'mini-transformer[bpe]' (or pip install tokenizers)") from None
     return tokenizers
 
 
-class BPETokenizer(Tokenizer):
+class _TokenizersBacked(Tokenizer):
+    """A tokenizer whose work is done by a Hugging Face ``tokenizers.Tokenizer`` (``backend``)."""
+
+    def __init__(self, backend):
+        self._tok = backend
+        # Parse special-token text (e.g. "<|endoftext|>") in the input as ordinary text (see the
+        # module docstring). The setting is not part of the backend's JSON: set on every load.
+        self._tok.encode_special_tokens = True
+
+    @property
+    def backend(self):
+        """The ``tokenizers.Tokenizer`` doing the work (shared, not a copy: don't modify it)."""
+        return self._tok
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # encode_batch_fast skips offset tracking; both run on all cores (Rust threads).
+        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # The ByteLevel decoder joins the bytes and decodes them lossily (U+FFFD for bad UTF-8).
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def backend_json(self) -> dict[str, Any]:
+        """The backend's ``tokenizer.json`` content (Hugging Face ``tokenizers`` format)."""
+        return json.loads(self._tok.to_str())
+
+    @staticmethod
+    def _backend_from_json(data: dict[str, Any]):
+        tk = import_tokenizers()
+        return tk.Tokenizer.from_str(json.dumps(data))
+
+
+class BPETokenizer(_TokenizersBacked):
     """Byte-level BPE (GPT-2 style pre-tokenization, no normalization) from Hugging Face ``tokenizers``.
 
     Byte-level means every string is representable: no unknown token, lossless round trip.
@@ -235,16 +275,14 @@ class BPETokenizer(Tokenizer):
     kind = "bpe"
 
     def __init__(self, hf_tokenizer):
-        self._tok = hf_tokenizer
-        # Parse "<|endoftext|>" in the input as ordinary text (see the module docstring).
-        self._tok.encode_special_tokens = True
+        super().__init__(hf_tokenizer)
         eot = self._tok.token_to_id(EOT)
         self._specials = {} if eot is None else {EOT: eot}
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, length: Optional[int] = None) -> "BPETokenizer":
         """Learn merges from ``texts`` (any iterable of strings, streamed; ``length`` is for progress)."""
-        tk = _import_tokenizers()
+        tk = import_tokenizers()
         if vocab_size < 257 + 1:
             raise UserError(f"--vocab_size for bpe must be at least 258 (256 bytes + 1 special), got {vocab_size}")
         tok = tk.Tokenizer(tk.models.BPE())
@@ -264,24 +302,83 @@ class BPETokenizer(Tokenizer):
     def special_tokens(self) -> dict[str, int]:
         return dict(self._specials)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        # encode_batch_fast skips offset tracking; both run on all cores (Rust threads).
-        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        # The ByteLevel decoder joins the bytes and decodes them lossily (U+FFFD for bad UTF-8).
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
-
     def to_json(self) -> dict[str, Any]:
-        return {"hf_tokenizer": json.loads(self._tok.to_str())}
+        return {"hf_tokenizer": self.backend_json()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "BPETokenizer":
-        tk = _import_tokenizers()
-        return cls(tk.Tokenizer.from_str(json.dumps(data["hf_tokenizer"])))
+        return cls(cls._backend_from_json(data["hf_tokenizer"]))
+
+
+HF_TOKEN_ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+class HFTokenizer(_TokenizersBacked):
+    """A Hugging Face ``tokenizer.json`` imported with its model (Llama, SmolLM, ... or our own export).
+
+    ``named_tokens`` maps the roles ``bos_token``/``eos_token``/``unk_token``/``pad_token`` to
+    token text (or ``None``), as the directory's ``tokenizer_config.json`` names them;
+    ``hf_config`` keeps the few settings of that file that an export writes back
+    (``add_bos_token``, ``chat_template``, ...). Like every kind, ``encode`` adds no special
+    tokens (not even a BOS the original tokenizer would prepend) and reads special-token text as
+    ordinary text; the code that wants a BOS adds ``bos_id`` itself.
+    """
+
+    kind = "hf"
+
+    def __init__(self, backend, named_tokens: Optional[dict[str, Optional[str]]] = None,
+                 hf_config: Optional[dict[str, Any]] = None):
+        super().__init__(backend)
+        named = dict(named_tokens or {})
+        unknown = set(named) - set(HF_TOKEN_ROLES)
+        if unknown:
+            raise ValueError(f"unknown token roles {sorted(unknown)}; expected some of {HF_TOKEN_ROLES}")
+        self.named_tokens: dict[str, Optional[str]] = {role: named.get(role) for role in HF_TOKEN_ROLES}
+        for role, text in self.named_tokens.items():
+            if text is not None and backend.token_to_id(text) is None:
+                raise ValueError(f"the {role} {text!r} is not in the tokenizer's vocabulary")
+        self.hf_config: dict[str, Any] = dict(hf_config or {})
+        vocab = backend.get_vocab(with_added_tokens=True)
+        self._vocab_size = max(vocab.values()) + 1 if vocab else 0  # ids may have holes
+        self._specials = {t.content: i for i, t in sorted(backend.get_added_tokens_decoder().items())
+                          if t.special}
+
+    def _role_id(self, role: str) -> Optional[int]:
+        text = self.named_tokens[role]
+        return None if text is None else self._tok.token_to_id(text)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eos_id(self) -> Optional[int]:
+        return self._role_id("eos_token")
+
+    @property
+    def bos_id(self) -> Optional[int]:
+        return self._role_id("bos_token")
+
+    @property
+    def pad_id(self) -> Optional[int]:
+        return self._role_id("pad_token")
+
+    @property
+    def unk_id(self) -> Optional[int]:
+        return self._role_id("unk_token")
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._specials)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"hf_tokenizer": self.backend_json(), "named_tokens": dict(self.named_tokens),
+                "hf_config": dict(self.hf_config)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "HFTokenizer":
+        return cls(cls._backend_from_json(data["hf_tokenizer"]), data.get("named_tokens"),
+                   data.get("hf_config"))
 
 
 # -- gpt2 (tiktoken) -------------------------------------------------------------------------
@@ -313,6 +410,11 @@ class GPT2Tokenizer(Tokenizer):
         self._enc = _gpt2_encoding()
 
     @property
+    def encoding(self):
+        """The ``tiktoken.Encoding`` doing the work (its ranks, pattern and special tokens)."""
+        return self._enc
+
+    @property
     def vocab_size(self) -> int:
         return self._enc.n_vocab
 
@@ -340,7 +442,7 @@ class GPT2Tokenizer(Tokenizer):
 # -- building and loading --------------------------------------------------------------------
 
 _CLASSES: dict[str, type] = {"char": CharTokenizer, "byte": ByteTokenizer, "bpe": BPETokenizer,
-                             "gpt2": GPT2Tokenizer}
+                             "gpt2": GPT2Tokenizer, "hf": HFTokenizer}
 
 
 def check_kind(kind: str) -> str:
@@ -366,5 +468,8 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     if data.get("version", 0) > FORMAT_VERSION:
         raise UserError(f"{str(path)!r} was written by a newer mini-transformer "
                         f"(format {data['version']}); upgrade mini-transformer")
-    kind = check_kind(data.get("kind", ""))
+    kind = data.get("kind", "")
+    if kind not in _CLASSES:  # not KINDS: an imported model's "hf" tokenizer loads but is never built
+        raise UserError(f"{str(path)!r} holds an unknown tokenizer kind {kind!r}; "
+                        "it was written by another version of mini-transformer")
     return _CLASSES[kind].from_json(data)

@@ -1,4 +1,4 @@
-"""Tokenizers behind one interface: ``char``, ``byte``, ``bpe`` and ``gpt2``.
+"""Tokenizers behind one interface: ``char``, ``byte``, ``bpe``, ``gpt2`` and the imported ``hf``.
 
 Every tokenizer turns text into a list of integer ids and back, and is saved as one JSON file,
 ``tokenizer.json``, next to the token files of a prepared dataset and in every checkpoint, so
@@ -24,7 +24,8 @@ only from an imported model (:func:`mini_transformer.interop.hf.tokenizer.load_h
 Text is always encoded as *ordinary* text: the characters ``<|endoftext|>`` inside a document are
 encoded as those characters, not as the special token, so encoding is lossless and a document
 can't inject control tokens. Special tokens are added by code (``tokenizer.eos_id``) and decode
-to their names.
+to their names. (An ``hf`` tokenizer is as lossless as the imported one: its normalizer may
+change the text.)
 
 ``decode`` replaces invalid or incomplete UTF-8 with U+FFFD (``errors="replace"``): a streaming
 caller decodes the growing list of ids and holds back a trailing U+FFFD until the next token
@@ -223,6 +224,7 @@ class ByteTokenizer(Tokenizer):
 # -- bpe and hf (Hugging Face tokenizers) ----------------------------------------------------
 
 def import_tokenizers():
+    """The ``tokenizers`` package, or a one-line UserError saying how to install it."""
     try:
         import tokenizers
     except ImportError:
@@ -253,7 +255,8 @@ class _TokenizersBacked(Tokenizer):
         return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        # The ByteLevel decoder joins the bytes and decodes them lossily (U+FFFD for bad UTF-8).
+        # bpe's ByteLevel decoder (and a Llama-style ByteFallback one) joins the bytes and decodes
+        # them lossily: U+FFFD for bad UTF-8.
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def backend_json(self) -> dict[str, Any]:

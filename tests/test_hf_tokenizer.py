@@ -269,6 +269,9 @@ def test_import_of_a_llama3_style_tokenizer_named_by_ids(tmp_path):
     assert imported.decode([n + 2]) == "<|eot_id|>"
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": n + 2}))
     assert load_hf_tokenizer(directory).eos_id == n + 2  # generation_config.json first
+    # A role the tokenizer's own config sets to null (Qwen's bos_token) stays unset.
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "<|eot_id|>"}))
+    assert (load_hf_tokenizer(directory).bos_id, load_hf_tokenizer(directory).eos_id) == (None, n + 2)
 
 
 def test_import_refusals(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 
 from mini_transformer.errors import UserError
 from mini_transformer.generation import stream_text
-from mini_transformer.tokenizer import (EOT, BPETokenizer, ByteTokenizer, CharTokenizer, GPT2Tokenizer,
-                                        load_tokenizer)
+from mini_transformer.tokenizer import (EOT, KINDS, BPETokenizer, ByteTokenizer, CharTokenizer, GPT2Tokenizer,
+                                        check_kind, load_tokenizer)
 
 UNICODE = ("Hello, wörld! 😀👩‍👩‍👧 日本語のテキスト 한국어 e\u0301 (combining) \x00 NUL\r\n"
            "CRLF line\r\n\ttab  two  spaces\n\n<|endoftext|> literal, 'quotes' it's 12345 ∑∫≠")
@@ -101,6 +101,16 @@ def test_load_errors_are_user_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(UserError, match="not a mini-transformer tokenizer"):
         load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"format": "mini-transformer-tokenizer", "kind": "xyz"}))
+    with pytest.raises(UserError, match="unknown tokenizer kind 'xyz'"):
+        load_tokenizer(tmp_path)
+
+
+def test_hf_kind_loads_but_is_not_built_from_data():
+    # "hf" tokenizers come with an imported model; --data.tokenizer offers only the kinds built from text.
+    assert "hf" not in KINDS
+    with pytest.raises(UserError, match="unknown tokenizer 'hf'; choose one of: char, byte, bpe, gpt2"):
+        check_kind("hf")
 
 
 def test_gpt2_offline_is_one_line_error(monkeypatch):

@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 from ...atomic import atomic_write_text
 from ...errors import UserError
-from ...tokenizer import (EOT, HF_TOKEN_ROLES, BPETokenizer, ByteTokenizer, CharTokenizer,
+from ...tokenizer import (EOT, FORMAT, HF_TOKEN_ROLES, BPETokenizer, ByteTokenizer, CharTokenizer,
                           GPT2Tokenizer, HFTokenizer, Tokenizer, import_tokenizers)
 
 HF_TOKENIZER_FILE = "tokenizer.json"
@@ -232,8 +232,8 @@ def load_hf_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """The tokenizer of a Hugging Face directory (its ``tokenizer.json``) as a tokenizer of ours.
 
     Its bos/eos/unk/pad tokens are those ``tokenizer_config.json`` names, else
-    ``special_tokens_map.json``, else (bos/eos only) the ids in ``generation_config.json`` or
-    ``config.json``. A named unk or pad token that the vocabulary lacks is dropped (transformers
+    ``special_tokens_map.json``, else (bos/eos that neither file mentions) the ids in
+    ``generation_config.json`` or ``config.json``. A named unk or pad token that the vocabulary lacks is dropped (transformers
     would add it as a new id the model has no row for); a missing bos or eos is refused.
     """
     directory = Path(directory)
@@ -245,14 +245,13 @@ def load_hf_tokenizer(directory: str | os.PathLike) -> Tokenizer:
             f"no {HF_TOKENIZER_FILE} in {str(directory)!r}: only fast tokenizers are supported; a "
             f"sentencepiece-only {SENTENCEPIECE_FILE} must be converted first "
             f"(transformers.AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR) writes {HF_TOKENIZER_FILE})")
-    text = path.read_text(encoding="utf-8")
-    data = _read_json(path, text)
-    if isinstance(data, dict) and "format" in data and "model" not in data:
+    data = _read_json(path)
+    if isinstance(data, dict) and data.get("format") == FORMAT:
         raise UserError(f"{str(path)!r} is a mini-transformer tokenizer, not a Hugging Face one; "
                         "this directory is a checkpoint of ours, load it as such")
     tk = import_tokenizers()
     try:
-        backend = tk.Tokenizer.from_str(text)
+        backend = tk.Tokenizer.from_str(json.dumps(data))
     except Exception as exc:  # tokenizers raises a bare Exception with a Rust message
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{str(path)!r} is not a tokenizers file this version can read ({first_line}); "
@@ -275,11 +274,13 @@ def _named_tokens_of(directory: Path, config: dict[str, Any], backend: Any) -> d
     for role in HF_TOKEN_ROLES:
         value = config[role] if role in config else special_map.get(role)
         named[role] = _token_text(value)
-    # Some directories name their bos/eos only by id, in the model's configs.
+    # Some directories name their bos/eos only by id, in the model's configs. A role the
+    # tokenizer files set to null (Qwen's bos_token) stays None, as in transformers.
+    unnamed = [role for role in ("bos_token", "eos_token") if role not in config and role not in special_map]
     for config_file in ("generation_config.json", "config.json"):
         model_config = _read_optional_json(directory / config_file)
-        for role, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id")):
-            token_id = model_config.get(key)
+        for role in unnamed:
+            token_id = model_config.get(role + "_id")
             if isinstance(token_id, list):  # several stop ids: the first is the end-of-text
                 token_id = token_id[0] if token_id else None
             if named[role] is None and isinstance(token_id, int):
@@ -294,9 +295,9 @@ def _token_text(value: Any) -> Optional[str]:
     return value if isinstance(value, str) and value else None
 
 
-def _read_json(path: Path, text: Optional[str] = None) -> Any:
+def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8") if text is None else text)
+        return json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"{str(path)!r} is not valid JSON; download or write it again") from None
 

@@ -39,7 +39,8 @@ def small_tiktoken_encoding(bpe: BPETokenizer):
     ranks need a download."""
     table = bytes_to_unicode()
     to_byte = {c: b for b, c in table.items()}
-    ranks = {bytes([b]): rank for rank, b in enumerate(table)}
+    # GPT-2 ranks the bytes in the order of their printable stand-ins (printable ASCII first).
+    ranks = {bytes([b]): rank for rank, b in enumerate(sorted(table, key=lambda b: table[b]))}
     merges = json.loads(bpe.backend.to_str())["model"]["merges"]
     for merge in merges:
         left, right = merge.split(" ") if isinstance(merge, str) else merge

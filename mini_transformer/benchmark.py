@@ -24,11 +24,12 @@ from .config import Config, ModelConfig, load_config
 from .decode_layout import to_decode_layout
 from .device import autocast, cpu_flags, cpuinfo_field, dtype_name, resolve_device, resolve_dtype
 from .errors import UserError
-from .generation import generate
+from .generation import KVCachePool, generate
 from .model import Transformer
 from .profile import (
     count_parameters, flops_per_token, human_bytes, measure_matmul_flops, measure_training_step_peak, synchronize,
 )
+from .training.flops import model_flops_utilization
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's characters: the setting of the model-size table
 
@@ -139,9 +140,13 @@ def _our_loss(model, x, y):
 
 def our_generation_fn(model: Transformer, prompt: list[int], new_tokens: int, use_cache: bool = True,
                       compile_model: bool = False):
+    # One pool for every timed call: compiled decoding on CUDA replays a graph that reads the
+    # KV-cache where it was recorded, so each call must get the same cache back.
+    cache_pool = KVCachePool()
+
     def run() -> None:
         out = generate(model, prompt, max_new_tokens=new_tokens, temperature=0.0, use_cache=use_cache,
-                       compile=compile_model)
+                       compile=compile_model, cache_pool=cache_pool)
         assert len(out) == new_tokens
 
     return run
@@ -160,8 +165,8 @@ def bench_preset(preset: str, settings: BenchSettings) -> dict[str, Any]:
                             settings.compile)
     seconds = median_time(step, steps, 1 if big else settings.warmup, device)
     tokens_per_s = settings.batch_size * config.block_size / seconds
-    peak = measure_matmul_flops(device, dtype)
-    mfu = flops_per_token(config)[1] * tokens_per_s / peak
+    matmul_rate = measure_matmul_flops(device, dtype)
+    mfu = model_flops_utilization(flops_per_token(config)[1], tokens_per_s, matmul_rate)
 
     model.eval()
     gen_model = to_decode_layout(model.to(dtype) if dtype is not torch.float32 else model)
@@ -172,7 +177,7 @@ def bench_preset(preset: str, settings: BenchSettings) -> dict[str, Any]:
         "preset": preset, "params": params.total, "batch_size": settings.batch_size,
         "block_size": config.block_size, "dtype": dtype_name(dtype), "device": str(device),
         "train_tokens_per_s": tokens_per_s, "train_step_s": seconds, "train_steps_timed": steps,
-        "generate_tokens_per_s": settings.gen_tokens / gen_seconds, "mfu": mfu, "matmul_peak_flops": peak,
+        "generate_tokens_per_s": settings.gen_tokens / gen_seconds, "mfu": mfu, "matmul_flops_per_s": matmul_rate,
     }
     if settings.memory:
         full = Config()
@@ -200,7 +205,7 @@ def bench_table(rows: list[dict[str, Any]]) -> str:
 
 def mfu_note(rows: list[dict[str, Any]]) -> str:
     """What the MFU column divides by: the matmul throughput measured at start-up, quoted."""
-    low, high = (_flop_rate(f(r["matmul_peak_flops"] for r in rows)) for f in (min, max))
+    low, high = (_flop_rate(f(r["matmul_flops_per_s"] for r in rows)) for f in (min, max))
     rate = low if low == high else f"{low} to {high}"
     return (f"MFU: the model's training FLOPs per second over the throughput of a large {rows[0]['dtype']} "
             f"matmul measured on this machine at start-up ({rate}), not the datasheet peak.")

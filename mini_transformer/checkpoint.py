@@ -35,8 +35,11 @@ from .atomic import atomic_directory, atomic_write, atomic_write_text
 from .config import Config
 from .decode_layout import to_decode_layout
 from .errors import UserError
+from .lora import apply_lora, load_adapter
 from .model import Transformer
+from .quantize import is_quantized, load_quantized, quantize_model, read_quantization_meta, save_quantized
 from .safetensors_io import read_safetensors, write_safetensors
+from .tokenizer import load_tokenizer
 from .weights import assign_weights, missing_weights, model_fingerprint, weights_state_dict
 
 FORMAT_VERSION = 1
@@ -116,9 +119,7 @@ def _write_checkpoint_files(directory: Path, step: Optional[int], model: Transfo
                             tokenizer: Any, train_state: Optional[dict[str, Any]], best_val_loss: Optional[float],
                             extra_meta: Optional[dict[str, Any]]) -> None:
     # ``model`` may also be FSDP's gathered full state (anything with ``state_dict``).
-    if isinstance(model, torch.nn.Module) and is_quantized_model(model):
-        from .quantize import save_quantized
-
+    if isinstance(model, torch.nn.Module) and is_quantized(model):
         save_quantized(directory, model)  # compact weights + quantization.json
     else:
         save_weights(directory / WEIGHTS_FILE, model, metadata={"format": "mini-transformer"})
@@ -228,8 +229,6 @@ def load_model(directory: Path, device: str | torch.device = "cpu",
     a LoRA training run's checkpoint comes back with its adapters in place.
     """
     config = config or read_config(directory)
-    from .quantize import load_quantized, read_quantization_meta
-
     if read_quantization_meta(directory) is not None:
         return load_quantized(directory, config.model).to(device)
     state = read_weights(directory / WEIGHTS_FILE)  # memory-mapped
@@ -237,8 +236,6 @@ def load_model(directory: Path, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = Transformer(config.model)
         if any(".lora_A" in name for name in state):
-            from .lora import apply_lora
-
             a = config.advanced
             apply_lora(model, rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
                        targets=tuple(a.lora_targets))
@@ -247,8 +244,6 @@ def load_model(directory: Path, device: str | torch.device = "cpu",
 
 
 def load_tokenizer_from(directory: Path):
-    from .tokenizer import load_tokenizer
-
     return load_tokenizer(directory)
 
 
@@ -270,14 +265,10 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
     config = config or read_config(directory)
     model = load_model(directory, "cpu", config)
     if adapter is not None:
-        from .lora import load_adapter
-
         load_adapter(adapter, model)
     if dtype is not None:
         model = model.to(dtype)
     if quantize is not None:
-        from .quantize import is_quantized, quantize_model
-
         if not is_quantized(model):
             include_embedding = config.advanced.quantize_embedding if quantize_embedding is None else quantize_embedding
             model = quantize_model(model, quantize, group_size or config.advanced.quantize_group_size,
@@ -309,9 +300,3 @@ def _overlaps(a: Path, b: Path) -> bool:
     """True if one of the two paths is, or lies inside, the other."""
     a, b = a.resolve(), b.resolve()
     return a == b or a in b.parents or b in a.parents
-
-
-def is_quantized_model(model: torch.nn.Module) -> bool:
-    from .quantize import is_quantized
-
-    return is_quantized(model)

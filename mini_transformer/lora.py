@@ -212,9 +212,6 @@ def lora_parameter_counts(model: nn.Module) -> tuple[int, int, float]:
     return trainable, total, trainable / max(total, 1)
 
 
-lora_parameters = lora_parameter_counts  # the same function under a shorter name
-
-
 def _is_quantized_linear(module: nn.Module) -> bool:
     """A linear-like layer whose weights are not parameters (an Int8Linear/Int4Linear)."""
     return (not isinstance(module, (nn.Linear, LoRALinear)) and hasattr(module, "in_features")

@@ -439,8 +439,8 @@ class Transformer(nn.Module):
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Unique parameters (tied weights counted once); optionally without the embedding."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.tok_emb.weight.numel()
+        if non_embedding:  # the embedding's own parameters (a quantized table has none to read)
+            n -= sum(p.numel() for p in self.tok_emb.parameters())
         return n
 
     def dropout_modules(self) -> list[nn.Dropout]:

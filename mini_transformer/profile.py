@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config, ModelConfig
+from .device import autocast, resolve_device, resolve_dtype
+from .model import Transformer
 from .training.flops import (  # noqa: F401  (also this module's public names, as before)
     ParameterCount, count_parameters, flops_per_token, measure_matmul_flops, synchronize,
 )
@@ -106,9 +108,6 @@ def _rss_peak_bytes() -> int:
 
 
 def _peak_worker(raw_config: dict, batch: int, dtype_spec: str, device_spec: str, queue) -> None:
-    from .device import autocast, resolve_device, resolve_dtype
-    from .model import Transformer
-
     config = Config.from_dict(raw_config)
     if config.model.vocab_size is None:
         config.model.vocab_size = 65

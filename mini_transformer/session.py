@@ -15,10 +15,8 @@ setting, so that a front end can name its own spelling of it (the CLI's ``--top_
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ from typing import Any, Optional
 from .config import GenerationConfig
 from .errors import UserError
 from .generation import (
-    KVCachePool, PromptTruncatedWarning, SamplingParams, SpeculativeStats, generate, generate_batch, generate_stream,
+    KVCachePool, SamplingParams, SpeculativeStats, generate, generate_batch, generate_stream,
     save_attention, speculative_generate_stream, stream_text, truncate_at_stop,
 )
 from .model import Transformer
@@ -212,44 +210,38 @@ class Session:
         common = dict(max_new_tokens=s.max_tokens, seed=seed, stop_ids=self.stop_ids, context_keep=s.context_keep,
                       **s.sampling())
         stats = SpeculativeStats() if self.draft is not None else None
-        with _cropping_is_expected():  # the engine checks the prompt now, before the first token
-            if self.draft is not None:
-                tokens = speculative_generate_stream(self.model, self.draft, ids, gamma=self.gamma, stats=stats,
-                                                     **common)
-            else:
-                tokens = generate_stream(self.model, ids, compile=s.compile, cache_pool=self.cache_pool, **common)
+        ids = self._window(ids)
+        if self.draft is not None:
+            tokens = speculative_generate_stream(self.model, self.draft, ids, gamma=self.gamma, stats=stats, **common)
+        else:
+            tokens = generate_stream(self.model, ids, compile=s.compile, cache_pool=self.cache_pool, **common)
         return TextStream(tokens, self.tokenizer.decode, s.stop, stats)
 
     def complete_batch(self, prompts: list[list[int]], seed: Optional[int] = None) -> list[Completion]:
         """One continuation of each prompt, all in one batch (one forward per step for all rows)."""
         s = self.settings
-        with _cropping_is_expected():
-            rows = generate_batch(self.model, prompts, max_new_tokens=s.max_tokens, seed=seed,
-                                  stop_ids=self.stop_ids, context_keep=s.context_keep, compile=s.compile,
-                                  cache_pool=self.cache_pool, **s.sampling())
+        rows = generate_batch(self.model, [self._window(p) for p in prompts], max_new_tokens=s.max_tokens, seed=seed,
+                              stop_ids=self.stop_ids, context_keep=s.context_keep, compile=s.compile,
+                              cache_pool=self.cache_pool, **s.sampling())
         return [Completion(truncate_at_stop(self.tokenizer.decode(row), s.stop)[0], row) for row in rows]
 
     def plain_tokens_per_s(self, ids: list[int], n_tokens: int, seed: Optional[int] = None) -> float:
         """Plain decoding's speed on the same prompt, to compare speculative decoding with."""
         start = time.perf_counter()
-        with _cropping_is_expected():
-            plain = generate(self.model, ids, max_new_tokens=n_tokens, seed=seed, stop_ids=self.stop_ids,
-                             cache_pool=self.cache_pool, **self.settings.sampling())
+        plain = generate(self.model, self._window(ids), max_new_tokens=n_tokens, seed=seed, stop_ids=self.stop_ids,
+                         cache_pool=self.cache_pool, **self.settings.sampling())
         return len(plain) / max(time.perf_counter() - start, 1e-9)
+
+    def _window(self, ids: list[int]) -> list[int]:
+        """The last ``block_size`` ids: what the engine would use of a longer prompt. Cropping here
+        (a crop is already reported, by :meth:`encode`, or is a conversation's normal course)
+        keeps the engine from warning about it, without silencing warnings process-wide."""
+        return ids[-self.block_size:]
 
     def save_attention(self, token_ids: list[int], out_dir: str | Path) -> Path:
         """Every layer's and head's attention over ``token_ids`` to ``out_dir/attention.npz``."""
         labels = [self.tokenizer.decode([t]) for t in token_ids]
         return save_attention(self.model, token_ids, out_dir, labels=labels)
-
-
-@contextlib.contextmanager
-def _cropping_is_expected() -> Iterator[None]:
-    """Silence only the engine's :class:`PromptTruncatedWarning`: :meth:`Session.encode` reports a
-    crop in its own words, and a conversation is cropped on purpose. Other warnings still show."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=PromptTruncatedWarning)
-        yield
 
 
 # -- interactive ------------------------------------------------------------------------------
@@ -288,7 +280,6 @@ class Conversation:
     def __init__(self, session: Session) -> None:
         self.session = session
         self.turn = 0
-        self._context: list[int] = []
         self._last: Optional[tuple[list[int], TextStream]] = None  # the reply in progress
 
     @property
@@ -296,7 +287,7 @@ class Conversation:
         if self._last is not None:
             ids, reply = self._last
             return (ids + reply.token_ids)[-4 * self.session.block_size:]
-        return self._context
+        return []
 
     def reply(self, line: str) -> TextStream:
         """Continue the conversation with ``line`` (and a newline); an empty line just continues."""
@@ -317,7 +308,7 @@ class Conversation:
             setting, kind = _SETTING_COMMANDS[name]
             return self._set(name, setting, kind, value)
         if name == "/reset":
-            self._context, self._last = [], None
+            self._last = None
             return "conversation cleared"
         if name == "/settings":
             return self.session.settings.describe()

@@ -105,23 +105,34 @@ def test_stop_strings_cut_streams_and_batches_alike(session_parts):
     assert session.complete_batch([ids])[0].text == cut
 
 
-def test_only_the_crop_warning_is_silenced(session_parts, monkeypatch):
-    """The session words a crop itself (Prompt.notices); any other warning (torch.compile's, say) shows."""
+def test_a_long_prompt_is_cropped_by_the_session_and_other_warnings_show(session_parts, monkeypatch):
+    """The session words a crop itself (Prompt.notices) and hands the engine only the window, so
+    the engine has no crop to warn about; no warning is silenced (torch.compile's, say, shows)."""
     import mini_transformer.session as session_module
 
     real = session_module.generate_stream
+    seen_prompts = []
 
     def warning_engine(model, ids, **kwargs):
-        warnings.warn("prompt cropped", PromptTruncatedWarning)
+        seen_prompts.append(list(ids))
         warnings.warn("something else", RuntimeWarning)
         return real(model, ids, **kwargs)
 
     monkeypatch.setattr(session_module, "generate_stream", warning_engine)
     session = make_session(session_parts)
+    prompt = session.encode("the quick brown fox jumps " * 40)
+    assert len(prompt.ids) > session.block_size and prompt.notices
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        "".join(session.stream(session.encode("the quick brown fox jumps").ids))
+        text = "".join(session.stream(prompt.ids))
     assert [type(w.message) for w in caught] == [RuntimeWarning]
+    assert seen_prompts == [prompt.ids[-session.block_size:]]
+    monkeypatch.setattr(session_module, "generate_stream", real)
+    with warnings.catch_warnings(record=True) as uncropped:
+        warnings.simplefilter("always")
+        direct = generate(session.model, prompt.ids, max_new_tokens=10, temperature=0, stop_ids=session.stop_ids)
+    assert [type(w.message) for w in uncropped] == [PromptTruncatedWarning]  # the engine would warn
+    assert text == session.tokenizer.decode(direct)  # and would use the same window
 
 
 # -- the conversation -------------------------------------------------------------------------

@@ -313,7 +313,7 @@ def prepare_dataset(data: DataConfig, *, tokenizer: Optional[Tokenizer] = None, 
     ``dist`` (anything with ``enabled``/``is_main``) makes rank 0 prepare while the others wait.
     """
     if dist is not None and getattr(dist, "enabled", False):
-        import torch.distributed
+        import torch.distributed  # only here: preparing data alone never needs torch
 
         failed = False
         if dist.is_main:

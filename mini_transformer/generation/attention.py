@@ -16,6 +16,7 @@ import torch
 from ..atomic import atomic_write
 from ..errors import UserError
 from ..model import Transformer
+from .engine import check_inference_mode
 
 
 def attention_weights(model: Transformer, token_ids: Sequence[int]) -> tuple[np.ndarray, list[int]]:
@@ -23,13 +24,9 @@ def attention_weights(model: Transformer, token_ids: Sequence[int]) -> tuple[np.
     ids = list(token_ids)[-model.config.block_size:]
     if not ids:
         raise UserError("no tokens to visualise; generate or pass at least one token")
+    check_inference_mode(model)  # the model's mode is the caller's; active dropout is refused
     idx = torch.tensor([ids], device=model.device)  # (1, T)
-    was_training = model.training
-    model.eval()
-    try:
-        maps = model.attention_maps(idx)  # n_layers x (1, H, T, T)
-    finally:
-        model.train(was_training)
+    maps = model.attention_maps(idx)  # n_layers x (1, H, T, T)
     return torch.stack([m[0] for m in maps]).float().cpu().numpy(), ids
 
 

@@ -74,15 +74,17 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose total probability reaches ``p``.
 
-    The running sum is taken in float64 from the most likely token, so a set that reaches ``p``
-    exactly (three equal tokens and p = 2/3) keeps two, not one too many or too few. Tokens of
+    The running sum is taken in float64 (float32 on Apple's MPS, which has no float64) from the
+    most likely token, so a set that reaches ``p`` exactly (three equal tokens and p = 2/3) keeps
+    two, not one too many or too few. Tokens of
     exactly equal probability rank by id (a stable sort), so where a cut falls inside a tied
     group, the lower ids survive.
     """
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # (B, V)
-    probs = torch.softmax(sorted_logits.double(), dim=-1)
+    exact = torch.float32 if logits.device.type == "mps" else torch.float64
+    probs = torch.softmax(sorted_logits.to(exact), dim=-1)
     # The probability of the tokens ranked above each one (an exclusive running sum; subtracting
     # each token's own probability from an inclusive one would add a rounding error).
     mass_before = torch.cat([torch.zeros_like(probs[..., :1]), probs[..., :-1].cumsum(dim=-1)], dim=-1)

@@ -71,7 +71,7 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
             if "norm" in name and name.endswith("weight"):
                 param.copy_(1.0 + 0.2 * noise)
             else:
-                param.copy_(0.3 * noise / max(1.0, param.shape[-1] ** 0.5) if param.dim() > 1 else 0.1 * noise)
+                param.copy_(noise / param.shape[-1] ** 0.5 if param.dim() > 1 else 0.1 * noise)
 
 
 def make_checkpoint(directory: Path, *, norm="rmsnorm", n_kv_heads=None, tie=True, bias=False, tokenizer="char",

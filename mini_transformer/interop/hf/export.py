@@ -112,7 +112,9 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     tokenizer = load_tokenizer_from(directory)
     dtype = _dtype_name(hf_state["model.embed_tokens.weight"].dtype)
-    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": None}
+    # Only a tokenizer imported from Hugging Face has a pad token (pad_id); ours have none.
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+           "pad_token_id": getattr(tokenizer, "pad_id", None)}
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_directory(out, if_exists="replace"))
         atomic_write_text(tmp / CONFIG_FILE, _json(hf_config(config.model, dtype=dtype, **ids)))
@@ -122,7 +124,7 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         if adapter_format == "peft":
             assert settings is not None
             adapter_tmp = (stack.enter_context(atomic_directory(adapter_path, if_exists="replace"))
-                           if separate_adapter else tmp / adapter_path.relative_to(out))
+                           if separate_adapter else tmp / adapter_path.resolve().relative_to(out.resolve()))
             adapter_tmp.mkdir(parents=True, exist_ok=True)
             write_safetensors(adapter_tmp / PEFT_WEIGHTS_FILE, peft_state, {"format": "pt"})
             atomic_write_text(adapter_tmp / PEFT_CONFIG_FILE,

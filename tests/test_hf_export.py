@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mini_transformer.checkpoint import load_model, save_inference_checkpoint
+from mini_transformer.checkpoint import load_model, load_tokenizer_from, save_inference_checkpoint
 from mini_transformer.config import Config, ModelConfig
 from mini_transformer.generation import generate
 from mini_transformer.lora import apply_lora, lora_layers, merge_lora, save_adapter
@@ -29,29 +29,6 @@ TEXT = "ROMEO: But soft, what light through yonder window breaks?\nJULIET: O Rom
 PROMPT = "ROMEO: But soft"
 ATOL = 1e-4
 NEW_TOKENS = 30
-
-
-def hf_tokenizer_ready() -> bool:
-    """Whether interop.hf.tokenizer writes tokenizers yet (its tests are its own; here the export's)."""
-    import tempfile
-
-    from mini_transformer.interop.hf.tokenizer import save_hf_tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            save_hf_tokenizer(CharTokenizer.from_text("ab"), tmp, model_max_length=8)
-        except NotImplementedError:
-            return False
-    return True
-
-
-TOKENIZER_READY = hf_tokenizer_ready()
-
-
-@pytest.fixture(autouse=True)
-def _without_tokenizer_until_it_exists(monkeypatch):
-    if not TOKENIZER_READY:
-        monkeypatch.setattr("mini_transformer.interop.hf.export.save_hf_tokenizer", lambda *a, **k: None)
 
 
 def make_tokenizer(kind: str):
@@ -109,8 +86,6 @@ def hf_model(directory: Path):
 
 
 def prompt_ids(checkpoint: Path) -> list[int]:
-    from mini_transformer.checkpoint import load_tokenizer_from
-
     return load_tokenizer_from(checkpoint).encode(PROMPT)
 
 
@@ -162,13 +137,12 @@ def test_export_loads_in_transformers_and_computes_the_same(run_cli, tmp_path, c
     assert len(ids) + NEW_TOKENS <= config.model.block_size  # no sliding window on our side
     assert hf_greedy(theirs, ids) == ours_greedy
 
-    if TOKENIZER_READY:
-        from mini_transformer.checkpoint import load_tokenizer_from
-
-        hf_tok = transformers.AutoTokenizer.from_pretrained(out)
-        ours_tok = load_tokenizer_from(checkpoint)
-        assert hf_tok(PROMPT, add_special_tokens=False)["input_ids"] == ours_tok.encode(PROMPT)
-        assert hf_tok.decode(ours_tok.encode(TEXT)) == TEXT
+    # The tokenizer's own round trips are tests/test_hf_tokenizer.py's; here: the export carries it.
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours_tok = load_tokenizer_from(checkpoint)
+    assert hf_tok.model_max_length == config.model.block_size
+    assert hf_tok(PROMPT)["input_ids"] == ours_tok.encode(PROMPT)
+    assert hf_tok.decode(ours_tok.encode(TEXT)) == TEXT
 
 
 def test_config_carries_the_token_ids_and_sampling_defaults(run_cli, tmp_path):
@@ -230,8 +204,6 @@ def test_separate_adapter_directory_exports_as_peft_to_its_own_directory(run_cli
     base = Transformer(config.model)
     base.load_state_dict({k.replace(".base.", "."): v for k, v in lora_model.state_dict().items() if ".lora_" not in k})
     plain_config = Config(model=config.model)
-    from mini_transformer.checkpoint import load_tokenizer_from
-
     save_inference_checkpoint(base_dir, base, plain_config, load_tokenizer_from(run))
     export(run_cli, base_dir, tmp_path / "hf", "--adapter", str(tmp_path / "adapter"), "--adapter-format", "peft",
            "--adapter-out", str(tmp_path / "hf-adapter"))
@@ -309,7 +281,5 @@ def test_a_failed_export_leaves_nothing_and_a_new_one_replaces_an_old_export(run
 
     other, _ = make_checkpoint(tmp_path / "other", seed=1)
     monkeypatch.undo()
-    if not TOKENIZER_READY:
-        monkeypatch.setattr("mini_transformer.interop.hf.export.save_hf_tokenizer", lambda *a, **k: None)
     export(run_cli, other, tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() != first

@@ -110,7 +110,7 @@ class TrainingConfig:
     always_save_checkpoint: bool = False
     keep_last: int = 3  # how many step checkpoints to keep besides the best one
     max_bad_steps: int = 5  # NaN/inf losses in a row before the run stops
-    init_from: Optional[str] = None  # a checkpoint directory to start from (fine-tuning)
+    init_from: Optional[str] = None  # a checkpoint directory (or a Hugging Face model directory) to start from
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint as ckpt
-from ..config import Config, TrainingConfig
+from ..config import Config, ModelConfig, TrainingConfig
 from ..device import allow_tf32_on_cuda, autocast, dtype_name, resolve_device, resolve_dtype, restore_tf32
 from ..errors import UserError
 from ..model import Transformer
@@ -201,7 +201,7 @@ class Trainer:
         """(the checkpoint to resume, the base checkpoint to fine-tune); either may be None."""
         t = self.t
         resume_dir = ckpt.resolve_checkpoint(self.out_dir, prefer="latest") if self.resume else None
-        base_dir = ckpt.resolve_checkpoint(t.init_from, prefer="best") if t.init_from and not self.resume else None
+        base_dir = _resolve_base(t.init_from) if t.init_from and not self.resume else None
         if not self.resume:  # on every rank, so that all of them stop, not only rank 0
             _refuse_to_overwrite(self.out_dir)
         if self.config.advanced.use_lora and not t.init_from:
@@ -218,9 +218,9 @@ class Trainer:
         t, model = self.t, self.config.model
         arch_dir = base_dir or (resume_dir if t.init_from else None)
         if arch_dir is not None:
-            model = dataclasses.replace(ckpt.read_config(arch_dir).model, dropout=model.dropout)
+            model = dataclasses.replace(_base_model_config(arch_dir, model.block_size), dropout=model.dropout)
         # The tokenizer of a checkpoint wins: resumed and fine-tuned runs must encode the same way.
-        tokenizer = ckpt.load_tokenizer_from(resume_dir or base_dir) if (resume_dir or base_dir) else None
+        tokenizer = _base_tokenizer(resume_dir or base_dir) if (resume_dir or base_dir) else None
         self.data = prepare_dataset(self.config.data, tokenizer=tokenizer, progress=self.progress and self.dist.is_main,
                                     dist=self.dist)
         self.tokenizer = self.data.tokenizer
@@ -248,7 +248,7 @@ class Trainer:
         torch.manual_seed(self.t.seed)  # the same initial weights on every rank
         model = Transformer(self.config.model).to(self.device)
         if base_dir is not None:
-            ckpt.load_weights_into(model, ckpt.read_weights(base_dir / ckpt.WEIGHTS_FILE), base_dir)
+            ckpt.load_weights_into(model, _base_weights(base_dir, self.config.model), base_dir)
             self._say(f"initialised from {base_dir}")
         model.gradient_checkpointing = self.t.gradient_checkpointing
         return model
@@ -593,6 +593,47 @@ def _refuse_to_overwrite(out_dir: Path) -> None:
     if any(out_dir.glob(f"{ckpt.CHECKPOINT_PREFIX}*")):
         raise UserError(f"{out_dir} already holds checkpoints of a run; continue it with --resume, or set "
                         "training.out_dir to a new directory (or delete the old one)")
+
+
+# -- the base of a fine-tuning run: a checkpoint of ours, or a Hugging Face model directory read in
+# memory by the same code as `mini-transformer import` (mini_transformer/interop/hf/importer.py).
+
+def _resolve_base(init_from: str) -> Path:
+    return Path(init_from) if _is_hf(init_from) else ckpt.resolve_checkpoint(init_from, prefer="best")
+
+
+def _is_hf(directory: str | Path) -> bool:
+    from ..interop.hf.importer import is_hf_directory
+
+    return is_hf_directory(directory)
+
+
+def _base_model_config(directory: Path, block_size: int) -> ModelConfig:
+    """The base's architecture. An HF directory's context is the run's ``block_size``, up to its
+    ``max_position_embeddings`` (RoPE depends on the position only: a shorter context computes
+    the same function), so fine-tuning does not train on windows of, say, 131072 tokens."""
+    if not _is_hf(directory):
+        return ckpt.read_config(directory).model
+    from ..interop.hf.importer import model_config_from_hf, read_hf_config
+
+    config = model_config_from_hf(read_hf_config(directory), str(directory / "config.json"))
+    return dataclasses.replace(config, block_size=min(block_size, config.block_size))
+
+
+def _base_tokenizer(directory: Path):
+    if not _is_hf(directory):
+        return ckpt.load_tokenizer_from(directory)
+    from ..interop.hf.importer import read_hf_tokenizer
+
+    return read_hf_tokenizer(directory)
+
+
+def _base_weights(directory: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    if not _is_hf(directory):
+        return ckpt.read_weights(directory / ckpt.WEIGHTS_FILE)
+    from ..interop.hf.importer import read_hf_weights
+
+    return read_hf_weights(directory, config)
 
 
 def _shape(config: Config) -> str:

@@ -42,6 +42,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     fsync_dir(path.parent)
 
 
+def atomic_write_named(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """:func:`atomic_write` for a writer that opens the file itself, by name: ``write(tmp)``
+    fills the temporary file ``tmp`` (safetensors' ``save_file`` streams tensors this way)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        # After writing: mkstemp makes files owner-only, and so may the writer (safetensors
+        # replaces the file with its own); use the usual mode.
+        os.chmod(tmp, 0o666 & ~_umask())
+        fd = os.open(tmp, _FSYNC_OPEN_FLAGS)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 

@@ -7,17 +7,21 @@ from typing import Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_named
 from .errors import UserError
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
                       metadata: Optional[dict[str, str]] = None) -> None:
-    """Write ``tensors`` (contiguous, CPU, no two sharing memory) to ``path`` atomically."""
-    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
+    """Write ``tensors`` (contiguous, CPU, no two sharing memory) to ``path`` atomically.
+
+    safetensors writes the file straight from the tensors' memory. Serializing to ``bytes``
+    first would hold two more copies of the weights: a 1.1B-parameter fp32 import peaked at
+    13.2 GB that way, against 4.9 GB (BENCHMARKS.md).
+    """
+    atomic_write_named(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_safetensors(path: Path, what: str, fix: str) -> dict[str, torch.Tensor]:

@@ -159,6 +159,18 @@ def test_dtype_and_block_size_options(tmp_path, run_cli):
     assert read_config(ckpt).model.block_size == 32
 
 
+def test_weights_are_written_with_the_usual_file_mode(tmp_path, run_cli):
+    # safetensors streams the file itself (no bytes copy of the weights) and makes it owner-only.
+    import os
+
+    make_llama(tmp_path / "hf")
+    ckpt = import_cli(run_cli, tmp_path / "hf", tmp_path / "ckpt")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (ckpt / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert not list(ckpt.glob(".*.tmp"))
+
+
 def test_import_is_an_inference_checkpoint_generate_runs(tmp_path, run_cli):
     make_llama(tmp_path / "hf")
     ckpt = import_cli(run_cli, tmp_path / "hf", tmp_path / "ckpt")

@@ -342,6 +342,11 @@ def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     for delay in (0.9, 1.3, 1.7):
         proc = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, cwd=REPO_ROOT)
         assert proc.stdout.readline().strip() == b"ready"
+        # Kill during a later save, once one has completed: before the first one there is
+        # nothing to keep (on a busy machine the first save can take longer than the delay).
+        deadline = time.time() + 60
+        while time.time() < deadline and not (out / "latest.json").exists():
+            time.sleep(0.05)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -135,6 +135,13 @@ def test_llama_import_matches_transformers(tmp_path, run_cli, tied):
     assert ours.eos_id == reference.token_to_id("</s>")
 
 
+def test_a_qwen_sized_vocabulary_imports(tmp_path, run_cli):
+    hf_model = make_llama(tmp_path / "hf", tied=True, vocab_size=151_936)
+    ckpt = import_cli(run_cli, tmp_path / "hf", tmp_path / "ckpt")
+    assert read_config(ckpt).model.vocab_size == 151_936
+    compare(hf_model, ckpt, "HF Llama (vocab 151,936) -> import")
+
+
 def test_sharded_llama_with_biases_imports(tmp_path, run_cli):
     hf_model = make_llama(tmp_path / "hf", bias=True, shard=True)
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
@@ -265,6 +272,7 @@ REFUSALS = {
                                    "use_parallel_residual"),
     "stablelm qkv bias": (_stablelm(partial_rotary_factor=1.0, use_qkv_bias=True), "use_qkv_bias"),
     "tie setting": (_edit_config(tie_word_embeddings="yes"), "tie_word_embeddings"),
+    "tied, with its own head": (_edit_config(tie_word_embeddings=True), "tie_word_embeddings"),
     "weights of another shape": (_edit_config(intermediate_size=192), "shape"),
     "pytorch_model.bin only": (_pytorch_bin_only, "safetensors"),
     "missing tokenizer.json": (_no_tokenizer, "tokenizer.json"),

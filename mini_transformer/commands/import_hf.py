@@ -12,8 +12,8 @@ from .common import add_command
 # Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
 
 EXAMPLES = """\
-  mini-transformer import --hf ~/models/SmolLM-135M --out ckpt-smollm
-  mini-transformer import --hf ~/models/Llama-3.2-1B --out ckpt-llama --block_size 2048 --dtype bf16
+  mini-transformer import --hf ~/models/SmolLM-135M --out ckpt-smollm --block_size 512
+  mini-transformer import --hf ~/models/TinyLlama-1.1B --out ckpt-tinyllama --dtype bf16
   mini-transformer import --hf HuggingFaceTB/SmolLM-135M --out ckpt-smollm   # downloads (huggingface_hub)
   mini-transformer generate --checkpoint ckpt-smollm --prompt "Once upon a time"
   mini-transformer finetune --checkpoint ckpt-smollm --data.path notes.txt

@@ -38,6 +38,7 @@ from ...tokenizer import Tokenizer
 from .layout import LLAMA, MODEL_TYPE, NORM_EPS_KEY, STABLELM, from_hf_state_dict, hf_architecture
 
 HF_CONFIG_FILE = "config.json"
+LM_HEAD = "lm_head.weight"
 HF_TOKENIZER_FILE = "tokenizer.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
@@ -307,7 +308,14 @@ def read_hf_weights(directory: str | os.PathLike, config: ModelConfig,
     Floating-point tensors are cast to ``dtype``, or, when the file mixes precisions, to the
     widest of them (exact; narrowing would not be).
     """
-    state = from_hf_state_dict(HFWeights(directory, dtype), config)
+    weights = HFWeights(directory, dtype)
+    state = from_hf_state_dict(weights, config)
+    # A tied config with its own, different head in the file: transformers 4.x ties (the head is
+    # the embedding), 5.x unties and uses the file's head. Two readings: refused.
+    if config.tie_embeddings and LM_HEAD in weights and not torch.equal(weights[LM_HEAD], state["tok_emb.weight"]):
+        raise UserError(f"{directory}: tie_word_embeddings=true but the weights hold a {LM_HEAD} that differs "
+                        "from the embedding, which transformers versions read differently; set "
+                        "tie_word_embeddings to false in config.json to import the separate head")
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) > 1:
         widest = functools.reduce(torch.promote_types, dtypes)  # bf16 with fp16: fp32

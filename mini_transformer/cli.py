@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = args.run(args, extra)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One write of the whole line: print() writes the text and the newline separately, and
+        # the ranks of a torchrun job share stderr, so two errors could run into one line.
+        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

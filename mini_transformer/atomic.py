@@ -25,21 +25,12 @@ _FSYNC_OPEN_FLAGS = os.O_RDWR if os.name == "nt" else os.O_RDONLY
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(file)`` on a temporary file, then move it to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files owner-only; use the usual mode
-        with os.fdopen(fd, "wb") as f:
+
+    def write_file(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+
+    atomic_write_named(path, write_file)
 
 
 def atomic_write_named(path: str | os.PathLike, write: Callable[[Path], None]) -> None:

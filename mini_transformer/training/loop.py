@@ -20,15 +20,21 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .. import checkpoint as ckpt
 from ..config import Config, ModelConfig, TrainingConfig
+from ..data import PreparedData, RandomBatchSampler, check_split_lengths, iter_sequential_batches, prepare_dataset
 from ..device import allow_tf32_on_cuda, autocast, dtype_name, resolve_device, resolve_dtype, restore_tf32
 from ..errors import UserError
+from ..interop.hf.importer import (
+    is_hf_directory, model_config_from_hf, read_hf_config, read_hf_tokenizer, read_hf_weights,
+)
+from ..lora import apply_lora, base_weights_hash, lora_parameter_counts, save_adapter
 from ..model import Transformer
 from .distributed import (DistributedContext, all_reduce_mean, checkpointable_model, full_optimizer_state_dict,
                           gradient_sync, init_distributed, load_full_optimizer_state, local_scalar, planned_world_size,
@@ -38,8 +44,6 @@ from .metrics import MetricsLogger
 from .optim import build_optimizer
 from .schedule import dropout_at, learning_rate_at
 
-if TYPE_CHECKING:
-    from ..data import PreparedData, RandomBatchSampler
 
 TROUBLESHOOTING = (
     "the loss is not finite; lower training.learning_rate (try 1e-4), increase training.warmup_iters, "
@@ -189,8 +193,6 @@ class Trainer:
         if resume_dir is not None:
             self._load_resume_state(resume_dir)
         if self.config.advanced.use_lora:
-            from ..lora import base_weights_hash
-
             # The frozen base, hashed once it holds its final weights (a resumed run's come from
             # its checkpoint), for the adapter to name the base it was trained on.
             self._base_weights_hash = base_weights_hash(self.model)
@@ -213,8 +215,6 @@ class Trainer:
         """Tokenize the data and resolve the model section: a fine-tuning run has its base's
         architecture (a resumed one its checkpoint's) with this run's dropout, and
         ``vocab_size`` defaults to the tokenizer's."""
-        from ..data import RandomBatchSampler, check_split_lengths, prepare_dataset
-
         t, model = self.t, self.config.model
         arch_dir = base_dir or (resume_dir if t.init_from else None)
         if arch_dir is not None:
@@ -257,8 +257,6 @@ class Trainer:
         a = self.config.advanced
         if not a.use_lora:
             return
-        from ..lora import apply_lora, lora_parameter_counts
-
         apply_lora(self.model, rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
                    targets=tuple(a.lora_targets))
         trainable, total, fraction = lora_parameter_counts(self.model)
@@ -391,8 +389,6 @@ class Trainer:
     @torch.no_grad()
     def estimate_loss(self) -> dict[str, float]:
         """Mean loss over ``eval_iters`` random batches of each split (seeded by the step)."""
-        from ..data import RandomBatchSampler
-
         self.model.eval()
         result = {}
         for split, tokens in (("train", self.data.train), ("val", self.data.val)):
@@ -413,8 +409,6 @@ class Trainer:
     @torch.no_grad()
     def exact_val_loss(self) -> float:
         """Token-weighted mean loss over every full window of the whole validation split."""
-        from ..data import iter_sequential_batches
-
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -434,8 +428,6 @@ class Trainer:
             for _ in range(-(-n_batches // self.dist.world_size) - forwards):
                 self.model(dummy)
         if self.dist.enabled:
-            import torch.distributed as dist
-
             dist.all_reduce(total)
             dist.all_reduce(count)
         self.model.train()
@@ -457,8 +449,6 @@ class Trainer:
         state = rng_state()
         if not self.dist.enabled:
             return state
-        import torch.distributed as dist
-
         states: list[Any] = [None] * self.dist.world_size
         dist.all_gather_object(states, state)
         return states
@@ -472,8 +462,6 @@ class Trainer:
             self.out_dir, self.step, model, self.config, self.tokenizer, state,
             best_val_loss=self.best_val_loss, is_best=is_best, keep_last=self.t.keep_last)
         if self.config.advanced.use_lora and (is_best or self.best_val_loss is None):
-            from ..lora import save_adapter
-
             # The adapter on its own (a few hundred KB): what `merge` and `generate --adapter` take.
             save_adapter(self.out_dir / "adapter", self.model, weights_hash=self._base_weights_hash)
         return directory
@@ -603,8 +591,6 @@ def _resolve_base(init_from: str) -> Path:
 
 
 def _is_hf(directory: str | Path) -> bool:
-    from ..interop.hf.importer import is_hf_directory
-
     return is_hf_directory(directory)
 
 
@@ -614,8 +600,6 @@ def _base_model_config(directory: Path, block_size: int) -> ModelConfig:
     the same function), so fine-tuning does not train on windows of, say, 131072 tokens."""
     if not _is_hf(directory):
         return ckpt.read_config(directory).model
-    from ..interop.hf.importer import model_config_from_hf, read_hf_config
-
     config = model_config_from_hf(read_hf_config(directory), str(directory / "config.json"))
     return dataclasses.replace(config, block_size=min(block_size, config.block_size))
 
@@ -623,16 +607,12 @@ def _base_model_config(directory: Path, block_size: int) -> ModelConfig:
 def _base_tokenizer(directory: Path):
     if not _is_hf(directory):
         return ckpt.load_tokenizer_from(directory)
-    from ..interop.hf.importer import read_hf_tokenizer
-
     return read_hf_tokenizer(directory)
 
 
 def _base_weights(directory: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     if not _is_hf(directory):
         return ckpt.read_weights(directory / ckpt.WEIGHTS_FILE)
-    from ..interop.hf.importer import read_hf_weights
-
     return read_hf_weights(directory, config)
 
 

@@ -2,7 +2,8 @@
 
 Each subcommand lives in ``mini_transformer/commands/<name>.py`` and provides
 ``register(subparsers)``. A mistake the user can fix (:class:`UserError`) is printed as one
-line on stderr with exit status 2, never as a traceback.
+line on stderr with exit status 2, never as a traceback; where it names the library's settings,
+the line names the command's flags for them (``commands/common.py`` ``with_flags``).
 """
 
 from __future__ import annotations
@@ -57,9 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = args.run(args, extra)
     except UserError as exc:
+        from .commands.common import with_flags  # loaded already: every command imports it
+
         # One write of the whole line: print() writes the text and the newline separately, and
         # the ranks of a torchrun job share stderr, so two errors could run into one line.
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {with_flags(exc, getattr(args, 'setting_flags', {}))}\n")
         sys.stderr.flush()
         return 2
     except KeyboardInterrupt:

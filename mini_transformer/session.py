@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import GenerationConfig
-from .errors import UserError
+from .errors import SettingError, UserError
 from .generation import (
     KVCachePool, SamplingParams, SpeculativeStats, generate, generate_batch, generate_stream,
     save_attention, speculative_generate_stream, stream_text, truncate_at_stop,
@@ -34,12 +34,11 @@ from .tokenizer import Tokenizer
 SAMPLING_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
-class InvalidSetting(UserError):
+class InvalidSetting(SettingError):
     """A setting out of its range. ``setting`` is its name (a field of :class:`Settings`)."""
 
     def __init__(self, setting: str, message: str) -> None:
-        super().__init__(message)
-        self.setting = setting
+        super().__init__(message, setting=setting)
 
 
 def check_settings(values: Mapping[str, Any]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_command, add_config_arguments, config_from_args
+from .common import DATA_FLAGS, add_command, add_config_arguments, add_setting_flags, config_from_args
 
 # Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
 
@@ -26,6 +26,7 @@ def register(subparsers) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_arguments(parser)
     parser.set_defaults(run=run)
+    add_setting_flags(parser, {**DATA_FLAGS, "resume": "--resume"})
 
 
 def run(args, overrides: list[str]) -> int:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import AdvancedConfig, Config, merge_into, parse_overrides
 from ..errors import UserError
-from .common import add_command
+from .common import add_command, add_setting_flags, with_flags
 
 # The session (and through it torch) and yaml are imported when the command runs, not when its
 # parser is built: `mini-transformer --help` stays fast.
@@ -91,6 +91,8 @@ def register(subparsers) -> None:
     extras.add_argument("--attention_dir", default="attention", metavar="DIR",
                         help="where --log_attention writes (default: attention)")
     parser.set_defaults(run=run, accepts_overrides=True)
+    add_setting_flags(parser, {**{name: f"--{name}" for name in SETTING_FLAGS},
+                               "group_size": "--advanced.quantize_group_size"})
 
 
 # -- flags and config ------------------------------------------------------------------------
@@ -125,12 +127,7 @@ def flag_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def with_flag(exc: InvalidSetting) -> UserError:
     """The session's message about a setting, naming the flag that sets it."""
-    flag, text = f"--{exc.setting}", str(exc)
-    if text.startswith(flag):
-        return UserError(text)
-    if text.startswith(exc.setting):
-        return UserError(flag + text[len(exc.setting):])
-    return UserError(f"{flag}: {text}")
+    return UserError(with_flags(exc, {exc.setting: f"--{exc.setting}"}))
 
 
 def read_config_sections(path: str | None, overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -193,15 +190,6 @@ def note(message: str) -> None:
 # -- running --------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from ..session import InvalidSetting
-
-    try:
-        return _run(args, overrides)
-    except InvalidSetting as exc:
-        raise with_flag(exc) from None
-
-
-def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     check_flags(args)
     session, advanced = open_session(args, overrides)
     log_attention = args.log_attention or advanced.log_attention

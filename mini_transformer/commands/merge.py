@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_command
+from .common import add_command, add_setting_flags
 
 # Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
 
@@ -22,6 +22,7 @@ def register(subparsers) -> None:
     parser.add_argument("--adapter", required=True, metavar="DIR", help="the adapter directory (adapter.json)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where the merged checkpoint goes")
     parser.set_defaults(run=run)
+    add_setting_flags(parser, {"directory": "--out"})
 
 
 def run(args, overrides: list[str]) -> int:

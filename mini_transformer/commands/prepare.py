@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from .common import add_command
+from .common import add_command, add_setting_flags
 
 # Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
 
@@ -56,6 +56,8 @@ def register(subparsers) -> None:
                         help=argparse.SUPPRESS)  # for tests and benchmarks: the streaming block size
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
+    add_setting_flags(parser, {"input": "--input", "dataset": "--dataset", "tokenizer": "--tokenizer",
+                               "vocab_size": "--vocab_size"})
 
 
 def _default_out(args) -> Path:

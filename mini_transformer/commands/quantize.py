@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_command
+from .common import add_command, add_setting_flags
 
 # Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
 
@@ -27,6 +27,7 @@ def register(subparsers) -> None:
     parser.add_argument("--embedding", action="store_true", help="also quantize the token embedding")
     parser.add_argument("--out", required=True, metavar="DIR", help="where the quantized checkpoint goes")
     parser.set_defaults(run=run)
+    add_setting_flags(parser, {"directory": "--out", "group_size": "--group_size"})
 
 
 def run(args, overrides: list[str]) -> int:

@@ -224,7 +224,8 @@ def hf_llama_like(config: ModelConfig):
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:  # an optional dependency (the hf extra)
-        raise UserError("--compare hf needs transformers: pip install 'mini-transformer[hf]'") from None
+        raise UserError("comparing with Hugging Face's LlamaForCausalLM needs transformers: "
+                        "pip install 'mini-transformer[hf]'") from None
     hf_config = LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.hidden_size,
         num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,

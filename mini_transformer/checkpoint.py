@@ -34,7 +34,7 @@ import yaml
 from .atomic import atomic_directory, atomic_write, atomic_write_text
 from .config import Config
 from .decode_layout import to_decode_layout
-from .errors import UserError
+from .errors import SettingError, UserError
 from .lora import apply_lora, load_adapter
 from .model import Transformer
 from .quantize import is_quantized, load_quantized, quantize_model, read_quantization_meta, save_quantized
@@ -182,8 +182,8 @@ def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
     if (p / META_FILE).is_file() or (p / WEIGHTS_FILE).is_file():
         return p
     if not p.exists():
-        raise UserError(f"checkpoint {str(p)!r} not found; train first (python train.py --config config.yaml) "
-                        "or point to an existing checkpoint directory")
+        raise UserError(f"checkpoint {str(p)!r} not found; train a model first, or point to an existing "
+                        "checkpoint directory")
     order = [BEST_POINTER, LATEST_POINTER] if prefer == "best" else [LATEST_POINTER]
     for pointer in order:
         name = _read_pointer(p / pointer)
@@ -212,7 +212,7 @@ def read_train_state(directory: Path, map_location: str | torch.device = "cpu") 
     path = directory / STATE_FILE
     if not path.is_file():
         raise UserError(f"checkpoint {directory} has no training state ({STATE_FILE}); "
-                        "it can be used for generation or init_from, not for --resume")
+                        "it can be used for generation or training.init_from, not to resume training")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read is a corrupt or unsafe file
@@ -288,9 +288,11 @@ def save_inference_checkpoint(directory: str | os.PathLike, model: Transformer, 
     """
     final = Path(directory)
     if source is not None and _overlaps(final, Path(source)):
-        raise UserError(f"--out {final} would overwrite the checkpoint it is made from; choose a new directory")
+        raise SettingError(f"directory {final} would overwrite the checkpoint it is made from; choose a new one",
+                           setting="directory")
     if final.exists() and not (final / META_FILE).is_file():
-        raise UserError(f"{final} exists and is not a checkpoint; choose a new --out directory")
+        raise SettingError(f"directory {final} exists and is not a checkpoint; choose a new one",
+                           setting="directory")
     with atomic_directory(final, if_exists="replace") as tmp:
         _write_checkpoint_files(tmp, None, model, config, tokenizer, None, None, extra_meta)
     return final

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from .atomic import atomic_write_text
-from .errors import UserError
+from .errors import SettingError, UserError
 
 # yaml is imported where it is used: the command line's --help imports this module and never
 # reads YAML, and yaml's import is a fifth of --help's time.
@@ -310,7 +310,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     if not path.is_file():
-        raise UserError(f"config file {str(path)!r} not found; check the path or use --preset NAME")
+        raise SettingError(f"config file {str(path)!r} not found; check the path, or start from a built-in "
+                           f"preset: {', '.join(preset_names())}", fixes=[{"preset": "NAME"}])
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

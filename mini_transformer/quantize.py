@@ -74,7 +74,7 @@ from safetensors import SafetensorError, safe_open
 
 from .atomic import atomic_write_text
 from .config import ModelConfig
-from .errors import UserError
+from .errors import SettingError, UserError
 from .model import Transformer
 from .safetensors_io import read_safetensors, write_safetensors
 from .weights import assign_weights, missing_weights, weights_state_dict
@@ -360,10 +360,10 @@ def check_group_size(group_size: int, widths: dict[str, int]) -> None:
     for name, width in widths.items():
         if width % group_size:
             fits = [g for g in INT4_GROUP_SIZES if all(w % g == 0 for w in widths.values())]
-            hint = f"use --advanced.quantize_group_size {max(fits)}" if fits else \
-                "no supported group size divides every width; use int8"
-            raise UserError(f"int4 group size {group_size} does not divide the input width {width} of {name}; "
-                            f"{hint}")
+            problem = f"int4 group size {group_size} does not divide the input width {width} of {name}"
+            if not fits:
+                raise UserError(f"{problem}; no supported group size divides every width; use int8")
+            raise SettingError(f"{problem}; use group size {max(fits)}", fixes=[{"group_size": str(max(fits))}])
 
 
 def valid_group_sizes(model: nn.Module, include_embedding: bool = False) -> list[int]:

@@ -18,7 +18,7 @@ kind       vocabulary                              special tokens
            imported with its model                 its tokenizer_config (``<s>``, ``</s>``, ...)
 =========  ======================================  ===============================================
 
-The first four are built from data (``KINDS``, the choices of ``--data.tokenizer``); ``hf`` comes
+The first four are built from data (``KINDS``, the choices of ``data.tokenizer``); ``hf`` comes
 only from an imported model (:func:`mini_transformer.interop.hf.tokenizer.load_hf_tokenizer`).
 
 Text is always encoded as *ordinary* text: the characters ``<|endoftext|>`` inside a document are
@@ -47,7 +47,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .atomic import atomic_write_text
-from .errors import UserError
+from .errors import SettingError, UserError
 
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT = "mini-transformer-tokenizer"
@@ -156,7 +156,7 @@ class CharTokenizer(Tokenizer):
         raise UserError(
             f"characters not in the vocabulary: {shown}; this character tokenizer knows only the "
             f"characters of its training text: remove them, or train a model with a byte or BPE "
-            f"tokenizer (--data.tokenizer byte or bpe), which takes any text")
+            f"tokenizer (set data.tokenizer to byte or bpe), which takes any text")
 
     def decode(self, ids: Iterable[int]) -> str:
         try:
@@ -287,7 +287,8 @@ class BPETokenizer(_TokenizersBacked):
         """Learn merges from ``texts`` (any iterable of strings, streamed; ``length`` is for progress)."""
         tk = import_tokenizers()
         if vocab_size < 257 + 1:
-            raise UserError(f"--vocab_size for bpe must be at least 258 (256 bytes + 1 special), got {vocab_size}")
+            raise SettingError(f"vocab_size for bpe must be at least 258 (256 bytes + 1 special), got {vocab_size}",
+                               setting="vocab_size")
         tok = tk.Tokenizer(tk.models.BPE())
         tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = tk.decoders.ByteLevel()
@@ -398,10 +399,11 @@ def _gpt2_encoding():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as exc:  # tiktoken downloads the BPE ranks on first use: network errors vary
-        raise UserError(
+        raise SettingError(
             f"the GPT-2 encoding is not available ({type(exc).__name__}: tiktoken could not download "
-            f"or find its BPE file, e.g. offline); use --tokenizer bpe --vocab_size 50257 to train a "
-            f"byte-level BPE on your own text, or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
+            f"or find its BPE file, e.g. offline); set TIKTOKEN_CACHE_DIR to a cache that has it, or "
+            f"train a byte-level BPE of {GPT2_VOCAB_SIZE} tokens on your own text instead",
+            fixes=[{"tokenizer": "bpe", "vocab_size": str(GPT2_VOCAB_SIZE)}]) from None
 
 
 class GPT2Tokenizer(Tokenizer):

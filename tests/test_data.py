@@ -227,7 +227,12 @@ def test_non_utf8_under_char_gives_the_offset(run_cli, tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"hello \xe9t\xe9 world")
     line = _one_line_error(run_cli, "--input", str(path), "--out", str(tmp_path / "o"), "--chunk_size", "4")
-    assert "not valid UTF-8 at byte offset 6" in line and "--data.tokenizer byte" in line and "--tokenizer byte" in line
+    assert "not valid UTF-8 at byte offset 6" in line and line.endswith("(--tokenizer byte)")
+    # train spells the same setting as its config key
+    status, _, err = run_cli("train", "--data.path", str(path), "--data.cache_dir", str(tmp_path / "c"),
+                             "--training.out_dir", str(tmp_path / "run"), "--quiet")
+    assert status == 2 and err.count("\n") == 1
+    assert "not valid UTF-8 at byte offset 6" in err and err.rstrip().endswith("(--data.tokenizer byte)")
 
 
 def test_split_shorter_than_block_size(run_cli, tmp_path):
@@ -289,7 +294,10 @@ def test_shakespeare_offline_says_how_to_pass_a_file(run_cli, tmp_path, monkeypa
     line = _one_line_error(run_cli, "--dataset", "shakespeare", "--cache_dir", str(tmp_path / "c"),
                            "--out", str(tmp_path / "o"))
     assert "could not download Tiny Shakespeare" in line and "--input path/to/input.txt" in line
-    assert "--data.path path/to/input.txt" in line
+    status, _, err = run_cli("train", "--data.dataset", "shakespeare", "--data.cache_dir", str(tmp_path / "c"),
+                             "--training.out_dir", str(tmp_path / "run"), "--quiet")
+    assert status == 2 and err.count("\n") == 1
+    assert "could not download Tiny Shakespeare" in err and "--data.path path/to/input.txt" in err
 
 
 def test_shakespeare_download_is_verified_and_cached(tmp_path, monkeypatch):

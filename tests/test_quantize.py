@@ -244,7 +244,7 @@ def test_group_size_that_does_not_divide_a_width(model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(UserError, match="does not divide the input width 64 of blocks.0.attn.qkv") as info:
         quantize_model(model, "int4", 128)
-    assert "quantize_group_size 64" in one_line(info)  # suggests the largest that fits
+    assert "use group size 64" in one_line(info)  # suggests the largest that fits
     assert quantization_meta(model) is None  # nothing was swapped
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert valid_group_sizes(model) == [32, 64]

@@ -47,7 +47,7 @@ def test_char_round_trip_on_its_vocabulary():
 
 def test_char_unknown_characters_are_listed():
     tok = CharTokenizer.from_text("abc")
-    with pytest.raises(UserError, match=r"characters not in the vocabulary: 'é', '€'; .*--data.tokenizer byte"):
+    with pytest.raises(UserError, match=r"characters not in the vocabulary: 'é', '€'; .*data.tokenizer to byte"):
         tok.encode("a€bé")
 
 
@@ -123,7 +123,8 @@ def test_gpt2_offline_is_one_line_error(monkeypatch):
         GPT2Tokenizer()
     message = str(info.value)
     assert "\n" not in message
-    assert "not available" in message and "--tokenizer bpe" in message
+    assert "not available" in message and "byte-level BPE of 50257 tokens" in message and "--" not in message
+    assert info.value.fixes == [{"tokenizer": "bpe", "vocab_size": "50257"}]  # the CLI spells them as flags
 
 
 def test_gpt2_with_an_encoding(monkeypatch):

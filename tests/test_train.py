@@ -377,7 +377,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 def test_a_fresh_run_never_overwrites_an_earlier_runs_checkpoints(tmp_path):
     quiet(small_config(tmp_path, max_iters=4))
-    with pytest.raises(UserError, match="already holds checkpoints.*--resume"):
+    with pytest.raises(UserError, match="already holds checkpoints.*resume the run"):
         quiet(small_config(tmp_path, max_iters=4))
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..atomic import atomic_write_bytes, atomic_write_text
-from ..errors import UserError
+from ..errors import SettingError, UserError
 
 SEPARATOR = "\n\n"
 DEFAULT_CHUNK_SIZE = 1 << 20  # bytes read at a time, and the target size of an encoded piece
@@ -44,10 +44,15 @@ class Source:
         return self.path.stat().st_size
 
 
-# -- resolving --input -----------------------------------------------------------------------
+# -- resolving inputs ------------------------------------------------------------------------
+
+# Where an input is missing or unreadable, the fixes the command line spells with its flags.
+OWN_TEXT = {"input": "FILE"}
+BUILT_IN_DATASET = {"dataset": "NAME"}
+
 
 def expand_input(spec: str) -> list[Source]:
-    """One ``--input`` entry: a file, a directory (its ``*.txt`` files, recursively) or a glob."""
+    """One input: a file, a directory (its ``*.txt`` files, recursively) or a glob."""
     if any(c in spec for c in GLOB_CHARS) and not Path(spec).exists():
         paths = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
         if not paths:
@@ -59,13 +64,13 @@ def expand_input(spec: str) -> list[Source]:
         paths = sorted(p for p in path.rglob("*.txt") if p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not paths:
-            raise UserError(f"directory {spec!r} has no .txt files; put text files in it or pass a "
-                            "glob for other extensions, e.g. --input 'dir/**/*.md'")
+            raise UserError(f"directory {spec!r} has no .txt files; put text files in it or give a "
+                            "glob for other extensions, e.g. 'dir/**/*.md'")
         return [Source(p, str(p)) for p in paths]
     if not path.exists():
-        raise UserError(f"input file {spec!r} not found; check the path, pass a directory or a glob like "
-                        "'data/*.txt', or use a built-in dataset (train: --data.dataset shakespeare|pystdlib; "
-                        "prepare: --dataset)")
+        raise SettingError(f"input file {spec!r} not found; check the path, give a directory or a glob like "
+                           f"'data/*.txt', or use a built-in dataset: {' or '.join(DATASETS)}",
+                           fixes=[BUILT_IN_DATASET])
     if not path.is_file():
         raise UserError(f"input {spec!r} is not a regular file; pass a text file, a directory or a glob")
     return [Source(path, spec)]
@@ -79,7 +84,7 @@ def check_not_empty(sources: list[Source]) -> None:
 
 @contextlib.contextmanager
 def open_inputs(specs: Iterable[str]) -> Iterator[list[Source]]:
-    """Resolve ``--input`` entries to sources; ``-`` (stdin) is spooled to a temporary file.
+    """Resolve inputs (see :func:`expand_input`) to sources; ``-`` (stdin) is spooled to a temporary file.
 
     Standard input is read once to disk because the char and BPE tokenizers need two passes.
     """
@@ -96,8 +101,9 @@ def open_inputs(specs: Iterable[str]) -> Iterator[list[Source]]:
             else:
                 sources.extend(expand_input(spec))
         if not sources:
-            raise UserError("no input given; pass --input FILE (or several, a directory, a glob, or -), "
-                            "or --dataset shakespeare|pystdlib")
+            raise SettingError("no input given; give text files (or a directory, a glob, or - for standard "
+                               f"input), or use a built-in dataset: {' or '.join(DATASETS)}",
+                               fixes=[OWN_TEXT, BUILT_IN_DATASET])
         check_not_empty(sources)
         yield sources
     finally:
@@ -165,10 +171,10 @@ def _strict_decode(data: bytes, name: str, offset: int) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(
-            f"input file {name!r} is not valid UTF-8 at byte offset {offset + exc.start}; use the byte "
-            "tokenizer, which takes any bytes (train: --data.tokenizer byte; prepare: --tokenizer byte), "
-            "or convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        raise SettingError(
+            f"input file {name!r} is not valid UTF-8 at byte offset {offset + exc.start}; convert it to "
+            "UTF-8 (e.g. iconv -f latin1 -t utf-8), or use the byte tokenizer, which takes any bytes",
+            fixes=[{"tokenizer": "byte"}]) from None
 
 
 def iter_corpus_text(sources: list[Source], chunk_size: int, on_bytes: ProgressFn = None,
@@ -282,8 +288,8 @@ def dataset_sources(name: str, cache_dir: str | os.PathLike) -> list[Source]:
         return pystdlib_sources()
     close = difflib.get_close_matches(name, DATASETS, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    raise UserError(f"unknown dataset {name!r}; {hint}choose one of: {', '.join(DATASETS)}, "
-                    "or pass your own text (train: --data.path FILE; prepare: --input FILE)")
+    raise SettingError(f"unknown dataset {name!r}; {hint}choose one of: {', '.join(DATASETS)}, "
+                       "or give your own text", fixes=[OWN_TEXT])
 
 
 def shakespeare_source(directory: Path) -> Source:
@@ -293,9 +299,9 @@ def shakespeare_source(directory: Path) -> Source:
         data = _download(SHAKESPEARE_URL, "Tiny Shakespeare")
         digest = hashlib.sha256(data).hexdigest()
         if digest != SHAKESPEARE_SHA256:
-            raise UserError(f"the downloaded Tiny Shakespeare has sha256 {digest[:12]}..., expected "
-                            f"{SHAKESPEARE_SHA256[:12]}...; retry, or pass a trusted copy (train: --data.path FILE; "
-                            "prepare: --input FILE)")
+            raise SettingError(f"the downloaded Tiny Shakespeare has sha256 {digest[:12]}..., expected "
+                               f"{SHAKESPEARE_SHA256[:12]}...; retry, or give a trusted copy of the text",
+                               fixes=[OWN_TEXT])
         atomic_write_bytes(path, data)
     return Source(path, "shakespeare:input.txt")
 
@@ -306,9 +312,8 @@ def _download(url: str, what: str) -> bytes:
             return response.read()
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise UserError(f"could not download {what} from {url} ({reason}); if you are offline, "
-                        "pass a local copy instead (train: --data.path path/to/input.txt; prepare: --input "
-                        "path/to/input.txt)") from None
+        raise SettingError(f"could not download {what} from {url} ({reason}); if you are offline, "
+                           "give a local copy of the text instead", fixes=[{"input": "path/to/input.txt"}]) from None
 
 
 def pystdlib_sources(max_bytes: int = PYSTDLIB_MAX_BYTES) -> list[Source]:
@@ -334,6 +339,6 @@ def pystdlib_sources(max_bytes: int = PYSTDLIB_MAX_BYTES) -> list[Source]:
         sources.append(Source(path, f"pystdlib:{rel.as_posix()}"))
         total += size
     if not sources:
-        raise UserError(f"no standard-library sources found under {root}; pass your own text instead "
-                        "(train: --data.path FILE; prepare: --input FILE)")
+        raise SettingError(f"no standard-library sources found under {root}; give your own text instead",
+                           fixes=[OWN_TEXT])
     return sources

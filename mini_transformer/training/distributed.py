@@ -97,16 +97,16 @@ def check_fsdp_supported(device_type: str, backend: str, dtype: str) -> None:
         from torch.distributed.fsdp import fully_shard  # noqa: F401  (PyTorch >= 2.6)
     except ImportError:
         raise UserError(f"training.distributed fsdp needs torch.distributed.fsdp.fully_shard (PyTorch >= 2.6; "
-                        f"this is {torch.__version__}); upgrade PyTorch or use --training.distributed ddp") from None
+                        f"this is {torch.__version__}); upgrade PyTorch or set training.distributed to ddp") from None
     if device_type not in ("cuda", "cpu"):
         raise UserError(f"training.distributed fsdp runs on CUDA (nccl) or CPU (gloo), not on {device_type}; "
-                        "use --training.device cpu or --training.distributed ddp")
+                        "set training.device to cpu or training.distributed to ddp")
     if device_type == "cuda" and backend != "nccl":
         raise UserError(f"training.distributed fsdp on CUDA needs the nccl backend, not {backend} "
-                        "(gloo has no CUDA reduce-scatter); use --training.backend nccl (or auto)")
+                        "(gloo has no CUDA reduce-scatter); set training.backend to nccl (or auto)")
     if dtype == "fp16":
         raise UserError("training.distributed fsdp does not support fp16 (the grad scaler cannot unscale "
-                        "sharded gradients); use --training.dtype bf16 or fp32, or --training.distributed ddp")
+                        "sharded gradients); set training.dtype to bf16 or fp32, or training.distributed to ddp")
 
 
 def init_distributed(cfg: TrainingConfig, device_type: str,
@@ -127,7 +127,7 @@ def init_distributed(cfg: TrainingConfig, device_type: str,
     if backend == "auto":
         backend = "nccl" if device_type == "cuda" else "gloo"
     if backend == "nccl" and device_type != "cuda":
-        raise UserError("training.backend nccl needs CUDA devices; use --training.backend gloo on CPU")
+        raise UserError("training.backend nccl needs CUDA devices; set training.backend to gloo on CPU")
     if mode == "fsdp":
         check_fsdp_supported(device_type, backend, cfg.dtype)
     timeout_s = cfg.dist_timeout_s if timeout_s is None else timeout_s
@@ -157,7 +157,7 @@ def wrap_model(model: torch.nn.Module, ctx: DistributedContext, device: torch.de
         if dtype is torch.float16:  # training.dtype auto on a GPU without bf16
             check_fsdp_supported(device.type, "nccl" if device.type == "cuda" else "gloo", "fp16")
         if any(".lora_" in name for name, _ in model.named_parameters()):
-            raise UserError("LoRA under training.distributed fsdp is not supported; use --training.distributed ddp "
+            raise UserError("LoRA under training.distributed fsdp is not supported; set training.distributed to ddp "
                             "(the adapters are small, only the frozen base is replicated)")
         mesh = init_device_mesh(device.type, (ctx.world_size,))
         for block in model.blocks:  # one all-gather per block: its weights exist in full only while it runs

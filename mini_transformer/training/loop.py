@@ -30,7 +30,7 @@ from .. import checkpoint as ckpt
 from ..config import Config, ModelConfig, TrainingConfig
 from ..data import PreparedData, RandomBatchSampler, check_split_lengths, iter_sequential_batches, prepare_dataset
 from ..device import allow_tf32_on_cuda, autocast, dtype_name, resolve_device, resolve_dtype, restore_tf32
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from ..interop.hf.importer import (
     is_hf_directory, model_config_from_hf, read_hf_config, read_hf_tokenizer, read_hf_weights,
 )
@@ -208,7 +208,7 @@ class Trainer:
             _refuse_to_overwrite(self.out_dir)
         if self.config.advanced.use_lora and not t.init_from:
             raise UserError("advanced.use_lora trains adapters on top of a trained model: set training.init_from "
-                            "to its checkpoint, or use `mini-transformer finetune --checkpoint DIR`")
+                            "to its checkpoint")
         return resume_dir, base_dir
 
     def _prepare_data_and_config(self, resume_dir: Optional[Path], base_dir: Optional[Path]) -> None:
@@ -241,8 +241,9 @@ class Trainer:
         """Refuse a checkpoint of another model shape before building anything."""
         saved = ckpt.read_config(directory)
         if ckpt.model_fingerprint(saved.model) != ckpt.model_fingerprint(self.config.model):
-            raise UserError(f"--resume: the checkpoint in {directory} is of a different model shape "
-                            f"({_shape(saved)} vs {_shape(self.config)}); use its config or another out_dir")
+            raise UserError(f"the checkpoint to resume in {directory} is of a different model shape "
+                            f"({_shape(saved)} vs {_shape(self.config)}); resume with its config, or start a new "
+                            "run in another training.out_dir")
 
     def _build_model(self, base_dir: Optional[Path]) -> Transformer:
         torch.manual_seed(self.t.seed)  # the same initial weights on every rank
@@ -530,8 +531,8 @@ class Trainer:
                 if stop.requested:
                     last_saved = self.save() or last_saved
                     bar.close()
-                    self._say(f"interrupted at step {self.step}; checkpoint saved in {self.out_dir}. "
-                              "Continue with --resume.")
+                    self._say(f"interrupted at step {self.step}; checkpoint saved in {self.out_dir}, "
+                              "resume the run to continue")
                     result.interrupted = True
                     break
             result.losses.extend(loss for loss, _ in self._settle())  # a Ctrl-C between two reads
@@ -579,8 +580,8 @@ class Trainer:
 def _refuse_to_overwrite(out_dir: Path) -> None:
     """A fresh run never mixes its checkpoints with an earlier run's."""
     if any(out_dir.glob(f"{ckpt.CHECKPOINT_PREFIX}*")):
-        raise UserError(f"{out_dir} already holds checkpoints of a run; continue it with --resume, or set "
-                        "training.out_dir to a new directory (or delete the old one)")
+        raise SettingError(f"{out_dir} already holds checkpoints of a run; set training.out_dir to a new "
+                           "directory (or delete the old one), or resume the run", fixes=[{"resume": ""}])
 
 
 # -- the base of a fine-tuning run: a checkpoint of ours, or a Hugging Face model directory read in

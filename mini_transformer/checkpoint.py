@@ -286,6 +286,15 @@ def save_inference_checkpoint(directory: str | os.PathLike, model: Transformer, 
     Used by ``merge`` and ``quantize``. An existing checkpoint at ``directory`` is replaced
     only once the new one is complete (see :func:`~mini_transformer.atomic.atomic_directory`).
     """
+    final = check_output_directory(directory, source)
+    with atomic_directory(final, if_exists="replace") as tmp:
+        _write_checkpoint_files(tmp, None, model, config, tokenizer, None, None, extra_meta)
+    return final
+
+
+def check_output_directory(directory: str | os.PathLike, source: Optional[str | os.PathLike] = None) -> Path:
+    """Where :func:`save_inference_checkpoint` may write: not over or inside ``source``, and not
+    over a directory that is not a checkpoint. Callers with slow work to do check first."""
     final = Path(directory)
     if source is not None and _overlaps(final, Path(source)):
         raise SettingError(f"directory {final} would overwrite the checkpoint it is made from; choose a new one",
@@ -293,8 +302,6 @@ def save_inference_checkpoint(directory: str | os.PathLike, model: Transformer, 
     if final.exists() and not (final / META_FILE).is_file():
         raise SettingError(f"directory {final} exists and is not a checkpoint; choose a new one",
                            setting="directory")
-    with atomic_directory(final, if_exists="replace") as tmp:
-        _write_checkpoint_files(tmp, None, model, config, tokenizer, None, None, extra_meta)
     return final
 
 

@@ -258,8 +258,17 @@ def test_refusals_are_one_line_and_write_nothing(run_cli, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     _refused(run_cli, tmp_path, "--checkpoint", str(ckpt), "--out", str(tmp_path / "notes"),
-             says="not a Hugging Face export")
+             says="not written by export")
     assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
+    # A downloaded model looks like an export (config.json, shards, a README) but is not one.
+    downloaded = tmp_path / "SmolLM-135M"
+    downloaded.mkdir()
+    for name, text in [("config.json", '{"architectures": ["LlamaForCausalLM"]}'),
+                       ("model-00001-of-00002.safetensors", "weights"), ("README.md", "model card")]:
+        (downloaded / name).write_text(text)
+    _refused(run_cli, tmp_path, "--checkpoint", str(ckpt), "--out", str(downloaded), says="not written by export")
+    assert sorted(p.name for p in downloaded.iterdir()) == ["README.md", "config.json",
+                                                             "model-00001-of-00002.safetensors"]
 
 
 def test_a_failed_export_leaves_nothing_and_a_new_one_replaces_an_old_export(run_cli, tmp_path, monkeypatch):

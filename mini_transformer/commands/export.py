@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_command
+from .common import add_command, add_setting_flags
 
 # Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
 
@@ -57,6 +57,7 @@ def register(subparsers) -> None:
                         help="with --adapter-format peft: where the PEFT adapter goes (default: OUT/adapter)")
     parser.add_argument("--dequantize", action="store_true",
                         help="export a quantized checkpoint as the float32 weights its quantized ones stand for")
+    add_setting_flags(parser, {"dequantize": "--dequantize", "directory": "--out"})
     parser.set_defaults(run=run)
 
 

@@ -220,7 +220,7 @@ class Trainer:
         if arch_dir is not None:
             model = dataclasses.replace(_base_model_config(arch_dir, model.block_size), dropout=model.dropout)
         # The tokenizer of a checkpoint wins: resumed and fine-tuned runs must encode the same way.
-        tokenizer = _base_tokenizer(resume_dir or base_dir) if (resume_dir or base_dir) else None
+        tokenizer = _base_tokenizer(resume_dir or base_dir, model.vocab_size) if (resume_dir or base_dir) else None
         self.data = prepare_dataset(self.config.data, tokenizer=tokenizer, progress=self.progress and self.dist.is_main,
                                     dist=self.dist)
         self.tokenizer = self.data.tokenizer
@@ -605,10 +605,10 @@ def _base_model_config(directory: Path, block_size: int) -> ModelConfig:
     return dataclasses.replace(config, block_size=min(block_size, config.block_size))
 
 
-def _base_tokenizer(directory: Path):
+def _base_tokenizer(directory: Path, vocab_size: Optional[int]):
     if not _is_hf(directory):
         return ckpt.load_tokenizer_from(directory)
-    return read_hf_tokenizer(directory)
+    return read_hf_tokenizer(directory, vocab_size)  # its ids must fit the model's embedding
 
 
 def _base_weights(directory: Path, config: ModelConfig) -> dict[str, torch.Tensor]:

@@ -35,9 +35,10 @@ import torch
 from ...atomic import atomic_directory, atomic_write_text
 from ...checkpoint import load_model, load_tokenizer_from, read_config, resolve_checkpoint
 from ...config import Config, ModelConfig
-from ...errors import UserError
-from ...lora import LoRASettings, lora_settings, lora_state_dict, merge_lora
+from ...errors import SettingError, UserError
+from ...lora import TARGET_LAYERS, LoRASettings, load_adapter, lora_settings, lora_state_dict, merge_lora
 from ...model import Transformer
+from ...quantize import QuantizedEmbedding, QuantizedLinear, load_quantized, read_quantization_meta
 from ...safetensors_io import write_safetensors
 from ...weights import assign_weights, tied_names, weights_state_dict
 from .layout import check_exportable, hf_architecture, hf_config, hf_module_names, row_splits, to_hf_state_dict
@@ -51,6 +52,8 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 DEFAULT_ADAPTER_DIR = "adapter"
+# Written into every export: a later export replaces only a directory that carries it.
+EXPORT_MARK = ".mini-transformer-export.json"
 # PEFT's saved names: the PeftModel wraps the CausalLM (``base_model.model``), whose decoder is ``model``.
 PEFT_PREFIX = "base_model.model.model.layers"
 
@@ -90,6 +93,9 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     separate_adapter = adapter_format == "peft" and not _inside(adapter_path, out)
     if adapter_out is not None and adapter_format != "peft":
         raise UserError("an adapter output directory is only written with adapter format peft")
+    if adapter_format == "peft" and adapter_path.resolve() == out.resolve():
+        raise UserError("the adapter needs a directory of its own, not the export's; leave the adapter "
+                        f"directory unset for {out / DEFAULT_ADAPTER_DIR}")
     if separate_adapter:
         _check_target(adapter_path, directory, "the adapter")
 
@@ -117,6 +123,7 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
            "pad_token_id": getattr(tokenizer, "pad_id", None)}
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_directory(out, if_exists="replace"))
+        atomic_write_text(tmp / EXPORT_MARK, _json({"source": str(directory.resolve())}))
         atomic_write_text(tmp / CONFIG_FILE, _json(hf_config(config.model, dtype=dtype, **ids)))
         write_safetensors(tmp / WEIGHTS_FILE, hf_state, {"format": "pt"})
         atomic_write_text(tmp / GENERATION_CONFIG_FILE, _json(generation_config(config, **ids)))
@@ -126,6 +133,8 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             adapter_tmp = (stack.enter_context(atomic_directory(adapter_path, if_exists="replace"))
                            if separate_adapter else tmp / adapter_path.resolve().relative_to(out.resolve()))
             adapter_tmp.mkdir(parents=True, exist_ok=True)
+            if separate_adapter:
+                atomic_write_text(adapter_tmp / EXPORT_MARK, _json({"source": str(directory.resolve())}))
             write_safetensors(adapter_tmp / PEFT_WEIGHTS_FILE, peft_state, {"format": "pt"})
             atomic_write_text(adapter_tmp / PEFT_CONFIG_FILE,
                               _json(peft_config(settings, base_model=str(out.resolve()))))
@@ -138,8 +147,6 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 def _load(directory: Path, config: Config, *, adapter: Optional[str | os.PathLike],
           dequantize: bool) -> tuple[Transformer, list[str]]:
     """The checkpoint's model in full precision on the CPU (with its adapters), and notices."""
-    from ...quantize import load_quantized, read_quantization_meta
-
     notices: list[str] = []
     meta = read_quantization_meta(directory)
     if meta is None:
@@ -147,23 +154,19 @@ def _load(directory: Path, config: Config, *, adapter: Optional[str | os.PathLik
     else:
         detail = f"{meta.get('mode')}" + (f", group size {meta['group_size']}" if meta.get("group_size") else "")
         if not dequantize:
-            raise UserError(f"{directory} is quantized ({detail}) and the Hugging Face classes hold full-precision "
-                            "weights; export the checkpoint it was quantized from, or dequantize (--dequantize) "
-                            "to write float32 weights")
+            raise SettingError(f"{directory} is quantized ({detail}) and the Hugging Face classes hold "
+                               "full-precision weights; export the checkpoint it was quantized from, or "
+                               "dequantize it to write float32 weights", fixes=[{"dequantize": ""}])
         model = dequantized_model(load_quantized(directory, config.model), config.model)
         notices.append(f"dequantized: the {detail} weights were written as float32 (the quantization error "
                        "remains; the full-precision checkpoint it came from exports without it)")
     if adapter is not None:
-        from ...lora import load_adapter
-
         load_adapter(adapter, model)
     return model, notices
 
 
 def dequantized_model(quantized: torch.nn.Module, config: ModelConfig) -> Transformer:
     """A plain :class:`Transformer` whose weights are the dequantized (float32) ones of ``quantized``."""
-    from ...quantize import QuantizedEmbedding, QuantizedLinear
-
     state: dict[str, torch.Tensor] = {}
     for name, module in quantized.named_modules():
         if isinstance(module, QuantizedLinear):
@@ -213,8 +216,6 @@ def peft_state_dict(lora_state: dict[str, torch.Tensor], config: ModelConfig) ->
 
 def peft_target_modules(settings: LoRASettings) -> list[str]:
     """PEFT ``target_modules`` (HF projection names) for our LoRA targets."""
-    from ...lora import TARGET_LAYERS
-
     modules = [name.rpartition(".")[2] for target in settings.targets for ours in TARGET_LAYERS[target]
                for name in hf_module_names(ours)]
     return sorted(set(modules))
@@ -283,6 +284,8 @@ def _check_target(target: Path, source: Path, what: str) -> None:
         raise UserError(f"{target} overlaps the checkpoint {source}; choose a directory for {what} outside it")
     if target.exists() and not target.is_dir():
         raise UserError(f"{target} exists and is a file; choose a new directory for {what}")
-    if target.is_dir() and any(target.iterdir()) and not ((target / CONFIG_FILE).is_file()
-                                                          or (target / PEFT_CONFIG_FILE).is_file()):
-        raise UserError(f"{target} exists and is not a Hugging Face export; choose a new directory for {what}")
+    # Only an earlier export (it carries EXPORT_MARK) is replaced: a directory that merely looks like
+    # a Hugging Face model (a downloaded one, say) may hold files this export would delete.
+    if target.is_dir() and any(target.iterdir()) and not (target / EXPORT_MARK).is_file():
+        raise UserError(f"{target} exists and was not written by export; choose a new directory for {what}, "
+                        "or delete it first")

@@ -30,12 +30,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
 
+from ...checkpoint import check_output_directory, load_weights_into, save_inference_checkpoint
 from ...config import Config, ModelConfig, default_ffn_hidden_size
 from ...errors import UserError
 from ...model import Transformer
 from ...tokenizer import Tokenizer
 from .layout import LLAMA, MODEL_TYPE, NORM_EPS_KEY, STABLELM, from_hf_state_dict, hf_architecture
+from .tokenizer import load_hf_tokenizer
 
 HF_CONFIG_FILE = "config.json"
 LM_HEAD = "lm_head.weight"
@@ -291,8 +294,6 @@ def _weight_files(directory: Path) -> list[Path]:
 
 def _open(path: Path, use):
     """``use(handle)`` on the safetensors file ``path``, open only for that call."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(path, framework="pt") as handle:
             return use(handle)
@@ -336,8 +337,6 @@ def read_hf_tokenizer(directory: str | os.PathLike, vocab_size: Optional[int] = 
                  if (directory / "tokenizer.model").is_file() else "")
         raise UserError(f"{directory} has no {HF_TOKENIZER_FILE}{extra}; the model cannot be imported without "
                         "its tokenizer")
-    from .tokenizer import load_hf_tokenizer
-
     tokenizer = load_hf_tokenizer(directory)
     if vocab_size is not None and tokenizer.vocab_size > vocab_size:
         raise UserError(f"{directory}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
@@ -360,8 +359,6 @@ def load_hf_model(directory: str | os.PathLike, *, block_size: Optional[int] = N
     tokenizer = read_hf_tokenizer(directory, model_config.vocab_size)  # before the slow part: fail fast
     state = read_hf_weights(directory, model_config, dtype)
     _check_shapes(state, model_config, directory)
-    from ...checkpoint import load_weights_into
-
     with torch.device("meta"):
         model = Transformer(model_config)
     model = model.to(next(iter(state.values())).dtype)  # on meta: no memory
@@ -384,8 +381,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, block_si
               dtype: Optional[torch.dtype] = None) -> Path:
     """Write the Hugging Face model in ``hf_dir`` as a checkpoint of ours (weights, config.yaml,
     tokenizer) at ``out_dir``, ready for generate, finetune, quantize, bench and export."""
-    from ...checkpoint import save_inference_checkpoint
-
+    check_output_directory(out_dir, hf_dir)  # before reading gigabytes of weights
     model, config, tokenizer = load_hf_model(hf_dir, block_size=block_size, dtype=dtype)
     return save_inference_checkpoint(out_dir, model, config, tokenizer, source=hf_dir,
                                      extra_meta={"imported_from": str(hf_dir),

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import sys
 
+from .commands.common import with_flags
 from .errors import UserError
 
 COMMANDS = ("prepare", "train", "finetune", "generate", "profile", "bench", "quantize", "merge", "plot",
@@ -58,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = args.run(args, extra)
     except UserError as exc:
-        from .commands.common import with_flags  # loaded already: every command imports it
-
         # One write of the whole line: print() writes the text and the newline separately, and
         # the ranks of a torchrun job share stderr, so two errors could run into one line.
         sys.stderr.write(f"error: {with_flags(exc, getattr(args, 'setting_flags', {}))}\n")

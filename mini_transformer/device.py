@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from .errors import UserError
+from .errors import SettingError, UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -24,8 +24,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {spec!r} requested but CUDA is not available; use the cpu device "
-                        "(--training.device cpu for training, --device cpu for generate)")
+        raise SettingError(f"device {spec!r} requested but CUDA is not available; use the cpu device",
+                           setting="device", fixes=[{"device": "cpu"}])
     return device
 
 

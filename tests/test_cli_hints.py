@@ -114,3 +114,16 @@ def test_with_flags_spells_settings_and_leaves_other_errors_alone():
     assert with_flags(both, flags) == "no text (--input FILE or --dataset NAME)"  # an unspellable fix is left out
     together = SettingError("use bpe", fixes=[{"input": "F", "vocab_size": "300"}, {"resume": ""}])
     assert with_flags(together, {**flags, "resume": "--resume"}) == "use bpe (--input F --vocab_size 300 or --resume)"
+
+
+def test_a_missing_cuda_device_is_named_by_each_commands_flag(monkeypatch):
+    import torch
+
+    from mini_transformer.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError) as caught:
+        resolve_device("cuda")
+    assert "--" not in str(caught.value)
+    assert with_flags(caught.value, {"device": "--training.device"}).endswith("(--training.device cpu)")
+    assert with_flags(caught.value, {"device": "--device"}).endswith("(--device cpu)")

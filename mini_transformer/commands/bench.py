@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_command
+from .common import add_command, add_setting_flags
 
 # Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
 
@@ -34,6 +34,7 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="with --compare, 'auto' runs both fp32 and bf16")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add_setting_flags(parser, {"device": "--device"})
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (median); large takes fewer")
     parser.add_argument("--gen_tokens", type=int, default=200)
     parser.add_argument("--compile", action="store_true",

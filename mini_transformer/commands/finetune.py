@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_arguments(parser)
     parser.set_defaults(run=run)
-    add_setting_flags(parser, {**DATA_FLAGS, "resume": "--resume"})
+    add_setting_flags(parser, {**DATA_FLAGS, "resume": "--resume", "device": "--training.device"})
 
 
 def run(args, overrides: list[str]) -> int:

@@ -92,7 +92,7 @@ def register(subparsers) -> None:
                         help="where --log_attention writes (default: attention)")
     parser.set_defaults(run=run, accepts_overrides=True)
     add_setting_flags(parser, {**{name: f"--{name}" for name in SETTING_FLAGS},
-                               "group_size": "--advanced.quantize_group_size"})
+                               "group_size": "--advanced.quantize_group_size", "device": "--device"})
 
 
 # -- flags and config ------------------------------------------------------------------------

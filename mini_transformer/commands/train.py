@@ -26,7 +26,7 @@ def register(subparsers) -> None:
                         help="continue exactly from the latest checkpoint in training.out_dir")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
-    add_setting_flags(parser, {**DATA_FLAGS, "resume": "--resume"})
+    add_setting_flags(parser, {**DATA_FLAGS, "resume": "--resume", "device": "--training.device"})
 
 
 def run(args, overrides: list[str]) -> int:

@@ -183,14 +183,21 @@ class Session:
 
     # -- text -> ids ---------------------------------------------------------------------
     def encode(self, text: str, name: str = "the prompt") -> Prompt:
-        """``text`` as token ids; an empty text starts from a newline (or the end-of-text token)."""
-        prompt = Prompt(self.tokenizer.encode(text)) if text else self._empty_prompt()
+        """``text`` as token ids, after the BOS when the model expects one; an empty text starts
+        from the BOS, else a newline (or the end-of-text token)."""
+        prompt = Prompt(self.bos_prefix() + self.tokenizer.encode(text)) if text else self._empty_prompt()
         if len(prompt.ids) > self.block_size:
             prompt.notices.append(f"{name} has {len(prompt.ids)} tokens, more than the context of "
                                   f"{self.block_size}; only its last {self.block_size} tokens are used")
         return prompt
 
+    def bos_prefix(self) -> list[int]:
+        """``[bos_id]`` for a tokenizer whose model expects every text to start with it, else ``[]``."""
+        return [self.tokenizer.bos_id] if self.tokenizer.starts_with_bos else []
+
     def _empty_prompt(self) -> Prompt:
+        if self.bos_prefix():
+            return Prompt(self.bos_prefix(), ["empty prompt: starting from the beginning-of-text token"])
         try:
             ids, start = self.tokenizer.encode("\n"), "a newline"
         except UserError:  # a character tokenizer whose text had no newline
@@ -291,7 +298,8 @@ class Conversation:
     def reply(self, line: str) -> TextStream:
         """Continue the conversation with ``line`` (and a newline); an empty line just continues."""
         new_ids = self.session.tokenizer.encode(line + "\n") if line else []
-        ids = self.context + new_ids
+        context = self.context or self.session.bos_prefix()  # a conversation starts with the BOS
+        ids = context + new_ids
         if not ids:
             ids = self.session.encode("").ids
         self.turn += 1

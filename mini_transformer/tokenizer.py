@@ -77,6 +77,13 @@ class Tokenizer(ABC):
         return self.eos_id
 
     @property
+    def starts_with_bos(self) -> bool:
+        """Whether the model this tokenizer came with expects a BOS in front of every text (an
+        imported Llama does; our kinds train without one). ``encode`` never adds it: a prompt's
+        builder does (:class:`mini_transformer.session.Session`)."""
+        return False
+
+    @property
     def special_tokens(self) -> dict[str, int]:
         """Special token text -> id."""
         return {}
@@ -366,6 +373,16 @@ class HFTokenizer(_TokenizersBacked):
     @property
     def pad_id(self) -> Optional[int]:
         return self._role_id("pad_token")
+
+    @property
+    def starts_with_bos(self) -> bool:
+        """The original tokenizer puts its BOS first: ``add_bos_token``, or a post-processor that
+        adds it (Llama's ``TemplateProcessing``)."""
+        bos = self.bos_id
+        if bos is None:
+            return False
+        adds_it = self._tok.encode("a", add_special_tokens=True).ids[:1] == [bos]
+        return bool(self.hf_config.get("add_bos_token")) or adds_it
 
     @property
     def unk_id(self) -> Optional[int]:

@@ -172,3 +172,34 @@ def test_the_conversation_keeps_what_was_said_even_when_a_reply_is_stopped(sessi
         conversation.reply("HELLO")  # not in the vocabulary: the conversation is unchanged
     assert conversation.context == said + reply.token_ids
     assert conversation.command("/reset") == "conversation cleared" and conversation.context == []
+
+
+def test_a_model_that_expects_a_bos_gets_one_at_the_start_of_each_prompt(tmp_path):
+    """An imported Llama-style tokenizer (its post-processor prepends <s>): prompts and a new
+    conversation start with the BOS, as transformers encodes them; our own kinds get none."""
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from mini_transformer.interop.hf.tokenizer import load_hf_tokenizer
+
+    from .test_hf_tokenizer import llama_style_dir
+
+    llama_style_dir(tmp_path / "llama")
+    tokenizer = load_hf_tokenizer(tmp_path / "llama")
+    assert tokenizer.starts_with_bos and tokenizer.bos_id == 1
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=4, n_layers=2,
+                                    block_size=64, dropout=0.0)).eval()
+    session = Session(model, tokenizer, Settings(temperature=0.0, max_tokens=3))
+    reference = AutoTokenizer.from_pretrained(tmp_path / "llama")
+    for text in ("hello world", "the quick brown fox"):
+        assert session.encode(text).ids == reference.encode(text) == [1, *tokenizer.encode(text)]
+    assert session.encode("").ids == [1]
+    conversation = Conversation(session)
+    first = conversation.reply("hello")
+    "".join(first)
+    assert conversation.context[:1] == [1] and conversation.context.count(1) == 1 + first.token_ids.count(1)
+    second = conversation.reply("world")
+    "".join(second)
+    assert conversation.context.count(1) == 1 + first.token_ids.count(1) + second.token_ids.count(1)
+    assert not CharTokenizer.from_text(TEXT).starts_with_bos

@@ -130,6 +130,14 @@ def test_prepare_dataset_caches_by_content(tmp_path, monkeypatch):
     assert other.directory not in (first.directory, changed.directory)
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".input")]  # no temp dirs left
 
+    # An entry that is not a prepared directory (left by something else) is prepared again in its place.
+    import shutil
+    shutil.rmtree(other.directory)
+    other.directory.mkdir()
+    (other.directory / "stray.txt").write_text("not a dataset")
+    again = prepare_dataset(DataConfig(path=str(text), tokenizer="byte", cache_dir=cfg.cache_dir), progress=False)
+    assert again.directory == other.directory and len(again.train) == len(other.train)
+
 
 def test_prepare_dataset_uses_a_prepared_directory_and_a_given_tokenizer(tmp_path, corpus):
     prepared = _prepare(corpus, tmp_path / "prepared", tokenizer="byte")

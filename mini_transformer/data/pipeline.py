@@ -359,6 +359,8 @@ def _prepare_dataset(data: DataConfig, tokenizer: Optional[Tokenizer], progress:
     final = cache / f"{name}-{kind}-{key[:16]}"
     if is_prepared_dir(final):
         return load_prepared(final)
+    if final.exists():  # not a prepared entry (atomic_directory never leaves one half-written): ours to replace
+        shutil.rmtree(final)
     # The cache entry appears complete or not at all; a concurrent writer that finished first
     # wrote the same files (the key names their inputs), so its entry is kept.
     with atomic_directory(final, if_exists="keep") as tmp:

@@ -285,18 +285,34 @@ def save_inference_checkpoint(directory: str | os.PathLike, model: Transformer, 
 
     Used by ``merge`` and ``quantize``. An existing checkpoint at ``directory`` is replaced
     only once the new one is complete (see :func:`~mini_transformer.atomic.atomic_directory`).
+    A checkpoint made from another (``source``) carries on its :data:`PROVENANCE_KEYS`.
     """
     final = check_output_directory(directory, source)
+    meta = {**(read_provenance(source) if source is not None else {}), **(extra_meta or {})}
     with atomic_directory(final, if_exists="replace") as tmp:
-        _write_checkpoint_files(tmp, None, model, config, tokenizer, None, None, extra_meta)
+        _write_checkpoint_files(tmp, None, model, config, tokenizer, None, None, meta)
     return final
+
+
+# checkpoint.json keys that say where the weights came from (an imported Hugging Face model's
+# directory, class and context length, which export writes back); checkpoints made from one keep them.
+PROVENANCE_KEYS = ("imported_from", "hf_architecture", "max_position_embeddings")
+
+
+def read_provenance(directory: str | os.PathLike) -> dict[str, Any]:
+    """The :data:`PROVENANCE_KEYS` that ``directory``'s checkpoint.json holds (``{}`` if none, or no checkpoint)."""
+    try:
+        meta = json.loads((Path(directory) / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {key: meta[key] for key in PROVENANCE_KEYS if key in meta} if isinstance(meta, dict) else {}
 
 
 def check_output_directory(directory: str | os.PathLike, source: Optional[str | os.PathLike] = None) -> Path:
     """Where :func:`save_inference_checkpoint` may write: not over or inside ``source``, and not
     over a directory that is not a checkpoint. Callers with slow work to do check first."""
     final = Path(directory)
-    if source is not None and _overlaps(final, Path(source)):
+    if source is not None and paths_overlap(final, Path(source)):
         raise SettingError(f"directory {final} would overwrite the checkpoint it is made from; choose a new one",
                            setting="directory")
     if final.exists() and not (final / META_FILE).is_file():
@@ -305,7 +321,7 @@ def check_output_directory(directory: str | os.PathLike, source: Optional[str | 
     return final
 
 
-def _overlaps(a: Path, b: Path) -> bool:
+def paths_overlap(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """True if one of the two paths is, or lies inside, the other."""
-    a, b = a.resolve(), b.resolve()
-    return a == b or a in b.parents or b in a.parents
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a.is_relative_to(b) or b.is_relative_to(a)

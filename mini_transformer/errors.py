@@ -37,3 +37,13 @@ class SettingError(UserError):
         super().__init__(message)
         self.setting = setting
         self.fixes = [dict(fix) for fix in fixes]
+
+
+def first_line(exc: BaseException, limit: Optional[int] = None) -> str:
+    """The first line of ``exc``'s text (at most ``limit`` characters), or its type's name if it has none.
+
+    For one-line errors that quote a library's own message (a Rust or C error may run to many lines).
+    """
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line[:limit] if limit is not None else line

@@ -16,10 +16,13 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 transformers.utils.logging.disable_progress_bar()  # its bars would mix with the CLI's one-line errors
 
-from mini_transformer.checkpoint import load_for_inference, load_model, read_config  # noqa: E402
+from mini_transformer.checkpoint import (load_for_inference, load_model, read_config, read_provenance,  # noqa: E402
+                                         read_weights, resolve_checkpoint)
 from mini_transformer.config import load_config  # noqa: E402
 from mini_transformer.generation import generate  # noqa: E402
-from mini_transformer.interop.hf.importer import is_hf_directory, load_hf_model  # noqa: E402
+from mini_transformer.interop.hf.importer import HFWeights, is_hf_directory  # noqa: E402
+from mini_transformer.interop.hf.layout import from_hf_state_dict  # noqa: E402
+from mini_transformer.lora import load_adapter  # noqa: E402
 from mini_transformer.safetensors_io import read_safetensors  # noqa: E402
 from mini_transformer.tokenizer import load_tokenizer  # noqa: E402
 from mini_transformer.training import train  # noqa: E402
@@ -163,6 +166,19 @@ def test_dtype_and_block_size_options(tmp_path, run_cli):
     weights = read_safetensors(ckpt / "model.safetensors", "weights", "")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     assert read_config(ckpt).model.block_size == 32
+    # The model's own context is recorded, for export to write back.
+    assert read_provenance(ckpt) == {"imported_from": str(tmp_path / "hf"), "hf_architecture": "LlamaForCausalLM",
+                                     "max_position_embeddings": 128}
+
+
+@pytest.mark.parametrize("block_size, says", [("129", "longer than the model's context"), ("0", "must be positive")])
+def test_block_size_beyond_the_models_context_is_refused(tmp_path, run_cli, saved_llama, block_size, says):
+    status, _, stderr = run_cli("import", "--hf", str(saved_llama), "--out", str(tmp_path / "ckpt"),
+                                "--block_size", block_size)
+    assert status == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert f"--block_size {block_size}" in stderr or "--block_size must" in stderr, stderr
+    assert says in stderr, stderr
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_weights_are_written_with_the_usual_file_mode(tmp_path, run_cli):
@@ -270,7 +286,8 @@ REFUSALS = {
     "stablelm qkv bias": (_stablelm(partial_rotary_factor=1.0, use_qkv_bias=True), "use_qkv_bias"),
     "tie setting": (_edit_config(tie_word_embeddings="yes"), "tie_word_embeddings"),
     "tied, with its own head": (_edit_config(tie_word_embeddings=True), "tie_word_embeddings"),
-    "weights of another shape": (_edit_config(intermediate_size=192), "shape"),
+    # One line naming the weight (checkpoint.load_weights_into's check).
+    "weights of another shape": (_edit_config(intermediate_size=192), "ffn.gate_up.weight has shape (320, 64)"),
     "pytorch_model.bin only": (_pytorch_bin_only, "safetensors"),
     "missing tokenizer.json": (_no_tokenizer, "tokenizer.json"),
 }
@@ -317,40 +334,66 @@ def test_missing_directory_is_one_line(tmp_path, run_cli):
 
 # -- training.init_from -----------------------------------------------------------------------------
 
-def test_init_from_an_hf_directory_trains(tmp_path):
-    hf_model = make_llama(tmp_path / "hf")
-    assert is_hf_directory(tmp_path / "hf") and not is_hf_directory(tmp_path)
+def _train_overrides(tmp_path: Path, *extra: str) -> list[str]:
     (tmp_path / "input.txt").write_text(TEXT)
-    config = load_config(overrides=[
-        "--training.init_from", str(tmp_path / "hf"), "--model.block_size", "32",
-        "--training.batch_size", "2", "--training.max_iters", "3", "--training.warmup_iters", "0",
-        "--training.eval_interval", "3", "--training.eval_iters", "1", "--training.learning_rate", "1e-3",
-        "--training.dtype", "fp32", "--training.device", "cpu", "--training.tensorboard", "false",
-        "--training.out_dir", str(tmp_path / "out"), "--data.path", str(tmp_path / "input.txt"),
-        "--data.cache_dir", str(tmp_path / "cache")])
+    return ["--model.block_size", "32", "--training.batch_size", "2", "--training.warmup_iters", "0",
+            "--training.eval_iters", "1", "--training.dtype", "fp32", "--training.device", "cpu",
+            "--training.tensorboard", "false", "--training.out_dir", str(tmp_path / "out"),
+            "--data.path", str(tmp_path / "input.txt"), "--data.cache_dir", str(tmp_path / "cache"), *extra]
+
+
+def _exported_context(run_cli, checkpoint: Path, out: Path) -> tuple[int, int]:
+    """``(max_position_embeddings, model_max_length)`` of the export of ``checkpoint``."""
+    status, _, stderr = run_cli("export", "--checkpoint", str(checkpoint), "--out", str(out))
+    assert status == 0, stderr
+    config = json.loads((out / "config.json").read_text())
+    return config["max_position_embeddings"], transformers.AutoTokenizer.from_pretrained(out).model_max_length
+
+
+def test_init_from_an_hf_directory_trains(tmp_path):
+    make_llama(tmp_path / "hf")
+    assert is_hf_directory(tmp_path / "hf") and not is_hf_directory(tmp_path)
+    # One step too small to move an fp32 weight (no weight decay): the saved weights are the start.
+    config = load_config(overrides=_train_overrides(
+        tmp_path, "--training.init_from", str(tmp_path / "hf"), "--training.max_iters", "1",
+        "--training.eval_interval", "1", "--training.learning_rate", "1e-30", "--training.weight_decay", "0"))
     result = train(config, progress=False, log=None)
-    assert result.step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.step == 1 and all(torch.isfinite(torch.tensor(result.losses)))
     trained = read_config(result.checkpoint).model
     # The directory's architecture, with the run's (shorter) context.
     assert (trained.norm, trained.kv_heads, trained.vocab_size, trained.block_size) == ("rmsnorm", 2, VOCAB, 32)
-    # It started from the HF weights: the in-memory import equals the CLI's.
-    imported, _, _ = load_hf_model(tmp_path / "hf", block_size=32)
-    ids = torch.randint(0, VOCAB, (1, 16))
-    with torch.no_grad():
-        assert (imported(ids).logits - hf_model(ids).logits).abs().max().item() < 1e-4
+    # It started from the HF weights, as the layout maps them.
+    expected = from_hf_state_dict(HFWeights(tmp_path / "hf"), trained)
+    saved = read_weights(result.checkpoint / "model.safetensors")
+    assert saved.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(saved[name], tensor), name
+    # The directory's own context is kept (the run trained on 32-token windows of a 128-token model).
+    assert read_provenance(result.checkpoint)["max_position_embeddings"] == 128
 
 
 def test_finetune_lora_on_an_hf_directory(tmp_path, run_cli):
     make_llama(tmp_path / "hf")
-    (tmp_path / "input.txt").write_text(TEXT)
-    status, _, stderr = run_cli(
-        "finetune", "--checkpoint", str(tmp_path / "hf"), "--quiet", "--data.path", str(tmp_path / "input.txt"),
-        "--data.cache_dir", str(tmp_path / "cache"), "--model.block_size", "32", "--training.batch_size", "2",
-        "--training.max_iters", "2", "--training.warmup_iters", "0", "--training.eval_interval", "2",
-        "--training.eval_iters", "1", "--training.device", "cpu", "--training.dtype", "fp32",
-        "--training.tensorboard", "false", "--training.out_dir", str(tmp_path / "out"))
+    status, _, stderr = run_cli("finetune", "--checkpoint", str(tmp_path / "hf"), "--quiet",
+                                *_train_overrides(tmp_path, "--training.max_iters", "2",
+                                                  "--training.eval_interval", "2"))
     assert status == 0, stderr
-    assert (tmp_path / "out" / "adapter").is_dir()
+    # The adapter loads onto the checkpoint that `import` gives (at the run's context: the adapter
+    # records its base's block_size), and computes what the run's checkpoint does.
+    imported = import_cli(run_cli, tmp_path / "hf", tmp_path / "ckpt", "--block_size", "32")
+    model = load_adapter(tmp_path / "out" / "adapter", load_model(imported)).eval()
+    run = load_model(resolve_checkpoint(tmp_path / "out", prefer="best")).eval()
+    ids = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, run(ids).logits)
+    # Export writes the model's own context back, not the 32 tokens the run trained on: from the
+    # run, the import and a quantized copy of the import (derived checkpoints keep the record).
+    assert _exported_context(run_cli, tmp_path / "out", tmp_path / "hf-run") == (128, 128)
+    assert _exported_context(run_cli, imported, tmp_path / "hf-import") == (128, 128)
+    status, _, stderr = run_cli("quantize", "--checkpoint", str(imported), "--mode", "int8", "--out",
+                                str(tmp_path / "q"))
+    assert status == 0, stderr
+    assert read_provenance(tmp_path / "q")["max_position_embeddings"] == 128
 
 
 def teardown_module(module) -> None:

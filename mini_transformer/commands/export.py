@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..interop.hf import ADAPTER_FORMATS  # torch-free
 from .common import add_command, add_setting_flags
 
 # Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
@@ -50,21 +51,18 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="where the exported directory goes")
     parser.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (from finetune) to apply to the checkpoint")
     parser.add_argument("--adapter-format", "--adapter_format", dest="adapter_format", default="merged",
-                        choices=("merged", "peft"),
+                        choices=ADAPTER_FORMATS,
                         help="merged (default): LoRA folded into the weights; peft: the base weights plus a "
                              "PEFT adapter directory")
     parser.add_argument("--adapter-out", "--adapter_out", dest="adapter_out", metavar="DIR",
                         help="with --adapter-format peft: where the PEFT adapter goes (default: OUT/adapter)")
     parser.add_argument("--dequantize", action="store_true",
                         help="export a quantized checkpoint as the float32 weights its quantized ones stand for")
-    add_setting_flags(parser, {"dequantize": "--dequantize", "directory": "--out"})
+    add_setting_flags(parser, {"dequantize": "--dequantize", "directory": "--out", "adapter_out": "--adapter-out",
+                               "adapter_format": "--adapter-format"})
     parser.set_defaults(run=run)
 
 
 def run(args, overrides: list[str]) -> int:
-    from ..errors import UserError
-
-    if args.adapter_out is not None and args.adapter_format != "peft":
-        raise UserError("--adapter-out is only used with --adapter-format peft")
     FORMATS[args.format](args)
     return 0

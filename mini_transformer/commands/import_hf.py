@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_command
+from .common import add_command, add_setting_flags
 
 # Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
 
@@ -19,7 +19,7 @@ EXAMPLES = """\
   mini-transformer finetune --checkpoint ckpt-smollm --data.path notes.txt
 """
 
-DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")  # auto and device.DTYPES (spelled out: no torch here)
 
 
 def register(subparsers) -> None:
@@ -35,16 +35,18 @@ def register(subparsers) -> None:
                         help="the model directory, or ORG/NAME to download from the Hub (needs huggingface_hub)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where the checkpoint goes")
     parser.add_argument("--block_size", type=int, default=None, metavar="N",
-                        help="context length of the checkpoint (default: the model's max_position_embeddings; "
-                             "fine-tuning trains on windows of this length)")
+                        help="context length of the checkpoint, at most the model's max_position_embeddings "
+                             "(the default); fine-tuning trains on windows of this length")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                         help="precision of the written weights (default auto: as stored)")
+    add_setting_flags(parser, {"block_size": "--block_size", "directory": "--out"})
     parser.set_defaults(run=run)
 
 
 def run(args, overrides: list[str]) -> int:
+    from ..device import DTYPES
     from ..errors import UserError
-    from ..interop.hf.importer import DTYPES, download_hf, import_hf, looks_like_repo_id
+    from ..interop.hf.importer import download_hf, import_hf, looks_like_repo_id
 
     source = Path(args.hf).expanduser()
     if not source.exists():
@@ -53,8 +55,6 @@ def run(args, overrides: list[str]) -> int:
         source = download_hf(args.hf)
     elif not source.is_dir():
         raise UserError(f"--hf {args.hf} is a file; pass the model's directory (holding config.json)")
-    if args.block_size is not None and args.block_size <= 0:
-        raise UserError(f"--block_size must be positive, got {args.block_size}")
     dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
     out = import_hf(source, args.out, block_size=args.block_size, dtype=dtype)
     from ..checkpoint import read_config

@@ -31,9 +31,7 @@ from ..config import Config, ModelConfig, TrainingConfig
 from ..data import PreparedData, RandomBatchSampler, check_split_lengths, iter_sequential_batches, prepare_dataset
 from ..device import allow_tf32_on_cuda, autocast, dtype_name, resolve_device, resolve_dtype, restore_tf32
 from ..errors import SettingError, UserError
-from ..interop.hf.importer import (
-    is_hf_directory, model_config_from_hf, read_hf_config, read_hf_tokenizer, read_hf_weights,
-)
+from ..interop.hf.importer import hf_model_config, hf_provenance, is_hf_directory, read_hf_tokenizer, read_hf_weights
 from ..lora import apply_lora, base_weights_hash, lora_parameter_counts, save_adapter
 from ..model import Transformer
 from .distributed import (DistributedContext, all_reduce_mean, checkpointable_model, full_optimizer_state_dict,
@@ -149,6 +147,7 @@ class Trainer:
         # Built by setup(), in this order.
         self.data: Optional[PreparedData] = None
         self.tokenizer: Any = None
+        self.provenance: dict[str, Any] = {}  # checkpoint.json keys carried on from the base (_base_provenance)
         self.train_sampler: Optional[RandomBatchSampler] = None
         self.model: Optional[Transformer] = None  # evaluation and checkpoints use it directly
         self._base_weights_hash: Optional[str] = None  # of a LoRA run's frozen base
@@ -219,6 +218,7 @@ class Trainer:
         arch_dir = base_dir or (resume_dir if t.init_from else None)
         if arch_dir is not None:
             model = dataclasses.replace(_base_model_config(arch_dir, model.block_size), dropout=model.dropout)
+            self.provenance = _base_provenance(arch_dir)
         # The tokenizer of a checkpoint wins: resumed and fine-tuned runs must encode the same way.
         tokenizer = _base_tokenizer(resume_dir or base_dir, model.vocab_size) if (resume_dir or base_dir) else None
         self.data = prepare_dataset(self.config.data, tokenizer=tokenizer, progress=self.progress and self.dist.is_main,
@@ -461,7 +461,7 @@ class Trainer:
             return None
         directory = ckpt.save_checkpoint(
             self.out_dir, self.step, model, self.config, self.tokenizer, state,
-            best_val_loss=self.best_val_loss, is_best=is_best, keep_last=self.t.keep_last)
+            best_val_loss=self.best_val_loss, is_best=is_best, keep_last=self.t.keep_last, extra_meta=self.provenance)
         if self.config.advanced.use_lora and (is_best or self.best_val_loss is None):
             # The adapter on its own (a few hundred KB): what `merge` and `generate --adapter` take.
             save_adapter(self.out_dir / "adapter", self.model, weights_hash=self._base_weights_hash)
@@ -588,31 +588,34 @@ def _refuse_to_overwrite(out_dir: Path) -> None:
 # memory by the same code as `mini-transformer import` (mini_transformer/interop/hf/importer.py).
 
 def _resolve_base(init_from: str) -> Path:
-    return Path(init_from) if _is_hf(init_from) else ckpt.resolve_checkpoint(init_from, prefer="best")
-
-
-def _is_hf(directory: str | Path) -> bool:
-    return is_hf_directory(directory)
+    return Path(init_from) if is_hf_directory(init_from) else ckpt.resolve_checkpoint(init_from, prefer="best")
 
 
 def _base_model_config(directory: Path, block_size: int) -> ModelConfig:
     """The base's architecture. An HF directory's context is the run's ``block_size``, up to its
     ``max_position_embeddings`` (RoPE depends on the position only: a shorter context computes
     the same function), so fine-tuning does not train on windows of, say, 131072 tokens."""
-    if not _is_hf(directory):
+    if not is_hf_directory(directory):
         return ckpt.read_config(directory).model
-    config = model_config_from_hf(read_hf_config(directory), str(directory / "config.json"))
+    config = hf_model_config(directory)
     return dataclasses.replace(config, block_size=min(block_size, config.block_size))
 
 
+def _base_provenance(directory: Path) -> dict[str, Any]:
+    """Where the base's weights came from (:data:`~mini_transformer.checkpoint.PROVENANCE_KEYS`),
+    for the run's checkpoints: an HF directory's own context survives the shorter ``block_size``,
+    and export writes it back."""
+    return hf_provenance(directory) if is_hf_directory(directory) else ckpt.read_provenance(directory)
+
+
 def _base_tokenizer(directory: Path, vocab_size: Optional[int]):
-    if not _is_hf(directory):
+    if not is_hf_directory(directory):
         return ckpt.load_tokenizer_from(directory)
     return read_hf_tokenizer(directory, vocab_size)  # its ids must fit the model's embedding
 
 
 def _base_weights(directory: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
-    if not _is_hf(directory):
+    if not is_hf_directory(directory):
         return ckpt.read_weights(directory / ckpt.WEIGHTS_FILE)
     return read_hf_weights(directory, config)
 

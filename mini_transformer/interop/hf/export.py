@@ -7,7 +7,7 @@ What is written (one directory, renamed into place complete or not at all)::
       model.safetensors         weights under HF's names (fused qkv and gate_up split)
       generation_config.json    token ids and this checkpoint's sampling defaults
       tokenizer.json            the tokenizer for PreTrainedTokenizerFast, with
-      tokenizer_config.json     its special tokens and model_max_length = block_size
+      tokenizer_config.json     its special tokens and model_max_length = max_position_embeddings
       adapter/                  only with adapter_format="peft": a PEFT LoRA adapter
         adapter_config.json
         adapter_model.safetensors
@@ -16,6 +16,12 @@ LoRA. A model with adapters (a LoRA run's checkpoint, or a base plus an adapter 
 exported merged by default. As a PEFT adapter, each of our fused layers becomes several PEFT
 layers, exactly: our update on ``attn.qkv`` is ``B @ A * alpha / r`` with B of (q+k+v rows, r),
 so ``q_proj`` gets the same A and B's q rows, and so on; ``gate_up`` likewise.
+
+Context. ``max_position_embeddings`` is ``block_size``, or, for a model imported from Hugging
+Face (``checkpoint.json`` records its ``max_position_embeddings``), the larger of the two: a
+fine-tuning run trains on shorter windows, but RoPE depends on the position only, so the model
+is still the same function over the original context. The tokenizer's ``model_max_length`` (the
+longest input transformers lets through with ``truncation=True``) is that same length.
 
 Quantized checkpoints hold no full-precision weights; exporting one needs ``dequantize=True``,
 which writes the float32 weights the quantized ones stand for (the quantization error stays).
@@ -33,7 +39,8 @@ from typing import Any, Literal, Optional
 import torch
 
 from ...atomic import atomic_directory, atomic_write_text
-from ...checkpoint import load_model, load_tokenizer_from, read_config, resolve_checkpoint
+from ...checkpoint import (load_model, load_tokenizer_from, paths_overlap, read_config, read_provenance,
+                           resolve_checkpoint)
 from ...config import Config, ModelConfig
 from ...errors import SettingError, UserError
 from ...lora import TARGET_LAYERS, LoRASettings, load_adapter, lora_settings, lora_state_dict, merge_lora
@@ -41,14 +48,12 @@ from ...model import Transformer
 from ...quantize import QuantizedEmbedding, QuantizedLinear, load_quantized, read_quantization_meta
 from ...safetensors_io import write_safetensors
 from ...weights import assign_weights, tied_names, weights_state_dict
-from .layout import check_exportable, hf_architecture, hf_config, hf_module_names, row_splits, to_hf_state_dict
+from . import ADAPTER_FORMATS
+from .layout import (GENERATION_CONFIG_FILE, HF_CONFIG_FILE, HF_WEIGHTS_FILE, TOP_LEVEL_KEYS, check_exportable,
+                     hf_architecture, hf_config, hf_module_names, row_splits, to_hf_state_dict)
 from .tokenizer import save_hf_tokenizer
 
-AdapterFormat = Literal["merged", "peft"]
-ADAPTER_FORMATS = ("merged", "peft")
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-GENERATION_CONFIG_FILE = "generation_config.json"
+AdapterFormat = Literal["merged", "peft"]  # for type checkers; ADAPTER_FORMATS at run time
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 DEFAULT_ADAPTER_DIR = "adapter"
@@ -83,16 +88,18 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     :class:`UserError` before anything is written; a failed export leaves nothing behind.
     """
     if adapter_format not in ADAPTER_FORMATS:
-        raise UserError(f"unknown adapter format {adapter_format!r}; use merged or peft")
+        raise UserError(f"unknown adapter format {adapter_format!r}; use {' or '.join(ADAPTER_FORMATS)}")
+    if adapter_out is not None and adapter_format != "peft":
+        raise SettingError("adapter_out is only used when the adapter is written in PEFT format; leave it unset, "
+                           "or write the adapter in PEFT format", setting="adapter_out",
+                           fixes=[{"adapter_format": "peft"}])
     directory = resolve_checkpoint(checkpoint_dir, prefer="best")
     config = read_config(directory)
     check_exportable(config.model)
     out = Path(out_dir)
     _check_target(out, directory, "the export")
     adapter_path = Path(adapter_out) if adapter_out is not None else out / DEFAULT_ADAPTER_DIR
-    separate_adapter = adapter_format == "peft" and not _inside(adapter_path, out)
-    if adapter_out is not None and adapter_format != "peft":
-        raise UserError("an adapter output directory is only written with adapter format peft")
+    separate_adapter = adapter_format == "peft" and not adapter_path.resolve().is_relative_to(out.resolve())
     if adapter_format == "peft" and adapter_path.resolve() == out.resolve():
         raise UserError("the adapter needs a directory of its own, not the export's; leave the adapter "
                         f"directory unset for {out / DEFAULT_ADAPTER_DIR}")
@@ -117,17 +124,19 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     del model, base_state
 
     tokenizer = load_tokenizer_from(directory)
-    dtype = _dtype_name(hf_state["model.embed_tokens.weight"].dtype)
+    dtype = _dtype_name(hf_state[TOP_LEVEL_KEYS["tok_emb.weight"]].dtype)
+    context = exported_context(config.model, directory)
     # Only a tokenizer imported from Hugging Face has a pad token (pad_id); ours have none.
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
            "pad_token_id": getattr(tokenizer, "pad_id", None)}
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_directory(out, if_exists="replace"))
         atomic_write_text(tmp / EXPORT_MARK, _json({"source": str(directory.resolve())}))
-        atomic_write_text(tmp / CONFIG_FILE, _json(hf_config(config.model, dtype=dtype, **ids)))
-        write_safetensors(tmp / WEIGHTS_FILE, hf_state, {"format": "pt"})
+        atomic_write_text(tmp / HF_CONFIG_FILE, _json(hf_config(config.model, dtype=dtype,
+                                                                max_position_embeddings=context, **ids)))
+        write_safetensors(tmp / HF_WEIGHTS_FILE, hf_state, {"format": "pt"})
         atomic_write_text(tmp / GENERATION_CONFIG_FILE, _json(generation_config(config, **ids)))
-        save_hf_tokenizer(tokenizer, tmp, model_max_length=config.model.block_size)
+        save_hf_tokenizer(tokenizer, tmp, model_max_length=context)
         if adapter_format == "peft":
             assert settings is not None
             adapter_tmp = (stack.enter_context(atomic_directory(adapter_path, if_exists="replace"))
@@ -140,6 +149,15 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                               _json(peft_config(settings, base_model=str(out.resolve()))))
     return ExportResult(out, hf_architecture(config.model),
                         adapter_path if adapter_format == "peft" else None, notices)
+
+
+def exported_context(config: ModelConfig, directory: Path) -> int:
+    """``max_position_embeddings`` of the export: ``block_size``, or the longer context of the
+    Hugging Face model that ``directory``'s weights were imported from (see the module's notes)."""
+    source = read_provenance(directory).get("max_position_embeddings")
+    if not isinstance(source, int) or isinstance(source, bool):
+        return config.block_size
+    return max(config.block_size, source)
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -273,14 +291,9 @@ def _json(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
-def _inside(path: Path, parent: Path) -> bool:
-    path, parent = path.resolve(), parent.resolve()
-    return path == parent or parent in path.parents
-
-
 def _check_target(target: Path, source: Path, what: str) -> None:
     """Refuse a target that overlaps the checkpoint, or a non-empty directory that is not an export."""
-    if _inside(target, source) or _inside(source, target):
+    if paths_overlap(target, source):
         raise UserError(f"{target} overlaps the checkpoint {source}; choose a directory for {what} outside it")
     if target.exists() and not target.is_dir():
         raise UserError(f"{target} exists and is a file; choose a new directory for {what}")

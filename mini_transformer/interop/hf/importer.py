@@ -34,17 +34,13 @@ from safetensors import SafetensorError, safe_open
 
 from ...checkpoint import check_output_directory, load_weights_into, save_inference_checkpoint
 from ...config import Config, ModelConfig, default_ffn_hidden_size
-from ...errors import UserError
+from ...errors import SettingError, UserError, first_line
 from ...model import Transformer
 from ...tokenizer import Tokenizer
-from .layout import LLAMA, MODEL_TYPE, NORM_EPS_KEY, STABLELM, from_hf_state_dict, hf_architecture
-from .tokenizer import load_hf_tokenizer
-
-HF_CONFIG_FILE = "config.json"
-LM_HEAD = "lm_head.weight"
-HF_TOKENIZER_FILE = "tokenizer.json"
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
+from .layout import (GENERATION_CONFIG_FILE, HF_CONFIG_FILE, HF_WEIGHTS_FILE, HF_WEIGHTS_INDEX_FILE, LLAMA,
+                     MODEL_TYPE, NORM_EPS_KEY, STABLELM, TOP_LEVEL_KEYS, from_hf_state_dict)
+from .tokenizer import (HF_SPECIAL_TOKENS_MAP_FILE, HF_TOKENIZER_CONFIG_FILE, HF_TOKENIZER_FILE, load_hf_tokenizer,
+                        read_json_object)
 
 ACCEPTED = "LlamaForCausalLM, or StableLmForCausalLM with full rotary and a sequential residual"
 # hidden_act values that are SiLU in transformers' ACT2FN.
@@ -57,7 +53,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "max_position_embeddings")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Config keys asking for something this model does not compute (refused unless absent, null or
+# false) -> why.
+UNSUPPORTED: dict[str, str] = {
+    "quantization_config": "the weights are quantized; import the full-precision model",
+    "sliding_window": "attention over a window; this model attends to the whole context",
+    "use_sliding_window": "attention over a window; this model attends to the whole context",
+    "qk_layernorm": "this model has no norms on q and k",
+    "use_parallel_residual": "this model adds attention and MLP one after the other",
+}
 # ORG/NAME on the Hugging Face Hub.
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -71,25 +75,19 @@ def is_hf_directory(path: str | os.PathLike) -> bool:
     if not config_file.is_file():
         return False
     try:
-        return "architectures" in json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
+        return "architectures" in read_json_object(config_file)
+    except (UserError, OSError):
         return False
 
 
 def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The directory's ``config.json`` as a dict."""
-    path = Path(directory) / HF_CONFIG_FILE
     if not Path(directory).is_dir():
         raise UserError(f"Hugging Face model directory {str(directory)!r} not found; check the path")
+    path = Path(directory) / HF_CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{directory} has no {HF_CONFIG_FILE}; it is not a Hugging Face model directory")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); the directory is damaged") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} does not hold a JSON object; the directory is damaged")
-    return raw
+    return read_json_object(path)
 
 
 # -- config: refuse what we do not compute, map the rest -------------------------------------------
@@ -148,9 +146,8 @@ def _bias(hf: Mapping[str, Any], architecture: str, source: str) -> bool:
         return False
     attention, mlp = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
     if attention != mlp:
-        raise UserError(f"{source}: attention_bias={json.dumps(attention)} with mlp_bias={json.dumps(mlp)} "
-                        "is not supported (biases on some projections only; this model has a bias on every "
-                        "projection or on none); nothing was imported")
+        raise _refuse(source, "attention_bias", attention, f"with mlp_bias={json.dumps(mlp)}: biases on some "
+                      "projections only; this model has a bias on every projection or on none")
     return attention
 
 
@@ -168,21 +165,14 @@ def model_config_from_hf(hf: Mapping[str, Any], source: str = HF_CONFIG_FILE, *,
     """Our :class:`ModelConfig` computing exactly what ``hf`` (a ``config.json``) describes.
 
     ``block_size`` (default ``max_position_embeddings``) is the context length we allow: RoPE
-    depends on the position only, so a shorter one computes the same function on what it accepts.
+    depends on the position only, so a shorter one computes the same function on what it accepts;
+    a longer one (positions the model was never trained on) is refused.
     Dropout is 0: HF's dropouts (``attention_dropout``, ``hidden_dropout``) act in training only,
     and a training run sets its own.
     """
     architecture = architecture_of(hf, source)
-    for key in ("quantization_config", "sliding_window"):
-        if hf.get(key) is not None:
-            why = ("the weights are quantized; import the full-precision model" if key == "quantization_config"
-                   else "attention over a window; this model attends to the whole context")
-            raise _refuse(source, key, hf[key], why)
-    for key in ("use_sliding_window", "qk_layernorm", "use_parallel_residual"):
-        if hf.get(key):
-            why = {"use_sliding_window": "attention over a window; this model attends to the whole context",
-                   "qk_layernorm": "this model has no norms on q and k",
-                   "use_parallel_residual": "this model adds attention and MLP one after the other"}[key]
+    for key, why in UNSUPPORTED.items():
+        if hf.get(key) is not None and hf[key] is not False:
             raise _refuse(source, key, hf[key], why)
     layer_types = hf.get("layer_types")
     if layer_types is not None and any(kind != "full_attention" for kind in layer_types):
@@ -211,7 +201,10 @@ def model_config_from_hf(hf: Mapping[str, Any], source: str = HF_CONFIG_FILE, *,
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
         raise _refuse(source, eps_key, eps, "it must be a positive number")
     if block_size is not None and block_size <= 0:
-        raise UserError(f"block_size must be positive, got {block_size}")
+        raise SettingError(f"block_size must be positive, got {block_size}", setting="block_size")
+    if block_size is not None and block_size > max_positions:
+        raise SettingError(f"block_size {block_size} is longer than the model's context (max_position_embeddings "
+                           f"{max_positions} in {source}); use at most {max_positions}", setting="block_size")
     init_std = hf.get("initializer_range", 0.02)
     return ModelConfig(
         vocab_size=vocab, d_model=d_model, n_heads=n_heads,
@@ -268,27 +261,26 @@ class HFWeights(Mapping[str, torch.Tensor]):
 
 def _weight_files(directory: Path) -> list[Path]:
     """The safetensors files holding the weights: the index's shards, or ``model.safetensors``."""
-    index = directory / SAFETENSORS_INDEX_FILE
+    index = directory / HF_WEIGHTS_INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            names = sorted(set(read_json_object(index)["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError):
             raise UserError(f"{index} is damaged (no valid weight_map); re-download or re-save the model") from None
         files = [directory / name for name in names]
         missing = [path.name for path in files if not path.is_file()]
         if missing:
-            raise UserError(f"{directory} lacks the shard {missing[0]} that {SAFETENSORS_INDEX_FILE} lists; "
+            raise UserError(f"{directory} lacks the shard {missing[0]} that {HF_WEIGHTS_INDEX_FILE} lists; "
                             "the download is incomplete")
         return files
-    single = directory / SAFETENSORS_FILE
+    single = directory / HF_WEIGHTS_FILE
     if single.is_file():
         return [single]
     if any(directory.glob("pytorch_model*.bin")):
         raise UserError(f"{directory} has pytorch_model.bin but no model.safetensors, and a .bin file is a pickle "
                         "that we never load; convert it with transformers: AutoModelForCausalLM.from_pretrained(DIR)"
                         ".save_pretrained(NEW_DIR) (safetensors is its default)")
-    raise UserError(f"{directory} has no {SAFETENSORS_FILE} (or {SAFETENSORS_INDEX_FILE}); "
+    raise UserError(f"{directory} has no {HF_WEIGHTS_FILE} (or {HF_WEIGHTS_INDEX_FILE}); "
                     "the directory holds no weights")
 
 
@@ -298,8 +290,7 @@ def _open(path: Path, use):
         with safe_open(path, framework="pt") as handle:
             return use(handle)
     except (SafetensorError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"weights {path} are corrupt ({first}); re-download or re-save the model") from None
+        raise UserError(f"weights {path} are corrupt ({first_line(exc)}); re-download or re-save the model") from None
 
 
 def read_hf_weights(directory: str | os.PathLike, config: ModelConfig,
@@ -313,8 +304,9 @@ def read_hf_weights(directory: str | os.PathLike, config: ModelConfig,
     state = from_hf_state_dict(weights, config)
     # A tied config with its own, different head in the file: transformers 4.x ties (the head is
     # the embedding), 5.x unties and uses the file's head. Two readings: refused.
-    if config.tie_embeddings and LM_HEAD in weights and not torch.equal(weights[LM_HEAD], state["tok_emb.weight"]):
-        raise UserError(f"{directory}: tie_word_embeddings=true but the weights hold a {LM_HEAD} that differs "
+    head = TOP_LEVEL_KEYS["lm_head.weight"]
+    if config.tie_embeddings and head in weights and not torch.equal(weights[head], state["tok_emb.weight"]):
+        raise UserError(f"{directory}: tie_word_embeddings=true but the weights hold a {head} that differs "
                         "from the embedding, which transformers versions read differently; set "
                         "tie_word_embeddings to false in config.json to import the separate head")
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
@@ -330,13 +322,6 @@ def read_hf_weights(directory: str | os.PathLike, config: ModelConfig,
 
 def read_hf_tokenizer(directory: str | os.PathLike, vocab_size: Optional[int] = None) -> Tokenizer:
     """The directory's ``tokenizer.json`` as a tokenizer of ours; its ids must fit ``vocab_size``."""
-    directory = Path(directory)
-    if not (directory / HF_TOKENIZER_FILE).is_file():
-        extra = (" (only the sentencepiece tokenizer.model; convert it with transformers: "
-                 "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))"
-                 if (directory / "tokenizer.model").is_file() else "")
-        raise UserError(f"{directory} has no {HF_TOKENIZER_FILE}{extra}; the model cannot be imported without "
-                        "its tokenizer")
     tokenizer = load_hf_tokenizer(directory)
     if vocab_size is not None and tokenizer.vocab_size > vocab_size:
         raise UserError(f"{directory}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
@@ -349,16 +334,15 @@ def load_hf_model(directory: str | os.PathLike, *, block_size: Optional[int] = N
     """``(model, config, tokenizer)`` from a Hugging Face directory, on the CPU, in eval mode.
 
     The model is built on the meta device and takes the read tensors themselves; its dtype is
-    the file's (or ``dtype``). ``block_size``: see :func:`model_config_from_hf`.
+    the file's (or ``dtype``). ``block_size``: see :func:`model_config_from_hf`. A weight whose
+    shape the config does not imply is refused, naming it (:func:`.checkpoint.load_weights_into`).
     """
     directory = Path(directory)
-    model_config = model_config_from_hf(read_hf_config(directory), str(directory / HF_CONFIG_FILE),
-                                        block_size=block_size)
+    model_config = hf_model_config(directory, block_size)
     config = Config(model=model_config)
     config.validate()
     tokenizer = read_hf_tokenizer(directory, model_config.vocab_size)  # before the slow part: fail fast
     state = read_hf_weights(directory, model_config, dtype)
-    _check_shapes(state, model_config, directory)
     with torch.device("meta"):
         model = Transformer(model_config)
     model = model.to(next(iter(state.values())).dtype)  # on meta: no memory
@@ -367,14 +351,18 @@ def load_hf_model(directory: str | os.PathLike, *, block_size: Optional[int] = N
     return model, config, tokenizer
 
 
-def _check_shapes(state: Mapping[str, torch.Tensor], config: ModelConfig, directory: Path) -> None:
-    """The weights must have the shapes ``config.json`` implies (one line naming the first that does not)."""
-    with torch.device("meta"):
-        expected = Transformer(config).state_dict()
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise UserError(f"{directory}: weight {name} has shape {tuple(tensor.shape)} but {HF_CONFIG_FILE} "
-                            f"implies {tuple(expected[name].shape)}; the config and the weights disagree")
+def hf_model_config(directory: str | os.PathLike, block_size: Optional[int] = None) -> ModelConfig:
+    """:func:`model_config_from_hf` of the directory's ``config.json``."""
+    return model_config_from_hf(read_hf_config(directory), str(Path(directory) / HF_CONFIG_FILE),
+                                block_size=block_size)
+
+
+def hf_provenance(directory: str | os.PathLike) -> dict[str, Any]:
+    """``checkpoint.json`` entries (:data:`.checkpoint.PROVENANCE_KEYS`) of a checkpoint made from
+    this directory: where it came from, its class, and its context, which export writes back."""
+    hf, source = read_hf_config(directory), str(Path(directory) / HF_CONFIG_FILE)
+    return {"imported_from": str(directory), "hf_architecture": architecture_of(hf, source),
+            "max_position_embeddings": _positive_int(hf, "max_position_embeddings", source)}
 
 
 def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, block_size: Optional[int] = None,
@@ -384,8 +372,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, block_si
     check_output_directory(out_dir, hf_dir)  # before reading gigabytes of weights
     model, config, tokenizer = load_hf_model(hf_dir, block_size=block_size, dtype=dtype)
     return save_inference_checkpoint(out_dir, model, config, tokenizer, source=hf_dir,
-                                     extra_meta={"imported_from": str(hf_dir),
-                                                 "hf_architecture": hf_architecture(config.model)})
+                                     extra_meta=hf_provenance(hf_dir))
 
 
 # -- the Hub ----------------------------------------------------------------------------------------
@@ -402,11 +389,10 @@ def download_hf(repo_id: str) -> Path:
     except ImportError:
         raise UserError(f"{repo_id} is not a local directory, and downloading it needs huggingface_hub "
                         "(pip install huggingface_hub); or download the model yourself and pass its directory") from None
-    patterns = [HF_CONFIG_FILE, "generation_config.json", "model*.safetensors", SAFETENSORS_INDEX_FILE,
-                HF_TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"]
+    patterns = [HF_CONFIG_FILE, GENERATION_CONFIG_FILE, "model*.safetensors", HF_WEIGHTS_INDEX_FILE,
+                HF_TOKENIZER_FILE, HF_TOKENIZER_CONFIG_FILE, HF_SPECIAL_TOKENS_MAP_FILE]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - network, authentication, unknown repository: all one line
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not download {repo_id} from the Hugging Face Hub ({first}); "
+        raise UserError(f"could not download {repo_id} from the Hugging Face Hub ({first_line(exc, 200)}); "
                         "check the name and your network, or download it yourself and pass its directory") from None

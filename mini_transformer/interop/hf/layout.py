@@ -1,5 +1,6 @@
 """The map between our model and Hugging Face's ``LlamaForCausalLM`` / ``StableLmForCausalLM``,
-as data: which HF class holds which of our configs, the config keys, and the weight names.
+as data: the model's file names, which HF class holds which of our configs, the config keys, and
+the weight names.
 
 Both directions use these tables (export, and import of our own exports and of Llama models),
 so a name is written in one place only (torchtitan's ``state_dict_adapter`` habit).
@@ -26,6 +27,12 @@ import torch
 
 from ...config import ModelConfig
 from ...errors import UserError
+
+# The model's files in a Hugging Face directory (the tokenizer's are :mod:`.tokenizer`'s).
+HF_CONFIG_FILE = "config.json"
+HF_WEIGHTS_FILE = "model.safetensors"
+HF_WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # lists the shards of a sharded model
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 LLAMA = "LlamaForCausalLM"
 STABLELM = "StableLmForCausalLM"
@@ -91,8 +98,13 @@ def check_exportable(config: ModelConfig) -> None:
 # -- config ----------------------------------------------------------------------------------------
 
 def hf_config(config: ModelConfig, *, bos_token_id: Optional[int] = None, eos_token_id: Optional[int] = None,
-              pad_token_id: Optional[int] = None, dtype: str = "float32") -> dict[str, Any]:
+              pad_token_id: Optional[int] = None, dtype: str = "float32",
+              max_position_embeddings: Optional[int] = None) -> dict[str, Any]:
     """The ``config.json`` of the HF model equal to ``config``.
+
+    ``max_position_embeddings`` defaults to ``block_size``; it may be longer (an imported model
+    fine-tuned on shorter windows keeps its own context: RoPE depends on the position only, so
+    the function is the same), never shorter.
 
     RoPE is written both ways transformers has read it: ``rope_parameters`` (5.x) and the older
     top-level ``rope_theta`` (and, for StableLM, ``partial_rotary_factor``), which 5.x folds into
@@ -100,6 +112,8 @@ def hf_config(config: ModelConfig, *, bos_token_id: Optional[int] = None, eos_to
     bos 1 / eos 2) would be wrong for our tokenizers.
     """
     check_exportable(config)
+    if max_position_embeddings is not None and max_position_embeddings < config.block_size:
+        raise ValueError(f"max_position_embeddings {max_position_embeddings} is below block_size {config.block_size}")
     architecture = hf_architecture(config)
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(config.rope_base)}
     out: dict[str, Any] = {
@@ -112,7 +126,7 @@ def hf_config(config: ModelConfig, *, bos_token_id: Optional[int] = None, eos_to
         "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.kv_heads,
         "hidden_act": "silu",
-        "max_position_embeddings": config.block_size,
+        "max_position_embeddings": max_position_embeddings or config.block_size,
         "initializer_range": config.init_std,
         NORM_EPS_KEY[architecture]: config.norm_eps,
         "tie_word_embeddings": config.tie_embeddings,

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ...atomic import atomic_write_text
-from ...errors import UserError
+from ...errors import UserError, first_line
 from ...tokenizer import (EOT, FORMAT, HF_TOKEN_ROLES, BPETokenizer, ByteTokenizer, CharTokenizer,
                           GPT2Tokenizer, HFTokenizer, Tokenizer, import_tokenizers)
 
@@ -253,8 +253,7 @@ def load_hf_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     try:
         backend = tk.Tokenizer.from_str(json.dumps(data))
     except Exception as exc:  # tokenizers raises a bare Exception with a Rust message
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{str(path)!r} is not a tokenizers file this version can read ({first_line}); "
+        raise UserError(f"{str(path)!r} is not a tokenizers file this version can read ({first_line(exc)}); "
                         "upgrade tokenizers or re-save it with transformers") from None
     config = _read_optional_json(directory / HF_TOKENIZER_CONFIG_FILE)
     named = _named_tokens_of(directory, config, backend)
@@ -302,10 +301,13 @@ def _read_json(path: Path) -> Any:
         raise UserError(f"{str(path)!r} is not valid JSON; download or write it again") from None
 
 
-def _read_optional_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that holds an object (the configs of a Hugging Face directory)."""
     data = _read_json(path)
     if not isinstance(data, dict):
         raise UserError(f"{str(path)!r} is not a JSON object; download or write it again")
     return data
+
+
+def _read_optional_json(path: Path) -> dict[str, Any]:
+    return read_json_object(path) if path.is_file() else {}

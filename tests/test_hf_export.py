@@ -52,7 +52,7 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
 
 
 def make_checkpoint(directory: Path, *, norm="rmsnorm", n_kv_heads=None, tie=True, bias=False, tokenizer="char",
-                    lora_targets=None, seed=0) -> tuple[Path, Config]:
+                    lora_targets=None, seed=0, extra_meta=None) -> tuple[Path, Config]:
     tok = make_tokenizer(tokenizer)
     model_config = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_heads=4, n_kv_heads=n_kv_heads, n_layers=2,
                                block_size=64, dropout=0.0, ffn_hidden_size=64, norm=norm, norm_eps=1e-6,
@@ -69,7 +69,7 @@ def make_checkpoint(directory: Path, *, norm="rmsnorm", n_kv_heads=None, tie=Tru
         with torch.no_grad():  # B starts at zero: give the adapters something to do
             for layer in lora_layers(model).values():
                 layer.lora_B.copy_(0.3 * torch.randn(layer.lora_B.shape, generator=generator))
-    save_inference_checkpoint(directory, model, config, tok)
+    save_inference_checkpoint(directory, model, config, tok, extra_meta=extra_meta)
     return directory, config
 
 
@@ -158,6 +158,18 @@ def test_config_carries_the_token_ids_and_sampling_defaults(run_cli, tmp_path):
     export(run_cli, char_ckpt, tmp_path / "hf-char")
     config = json.loads((tmp_path / "hf-char" / "config.json").read_text())
     assert config["bos_token_id"] is None and config["eos_token_id"] is None  # not Llama's 1 and 2
+
+
+@pytest.mark.parametrize("recorded, written", [(256, 256), (16, 64)])
+def test_an_imported_models_context_is_written_back(run_cli, tmp_path, recorded, written):
+    # An imported model trained on shorter windows (block_size 64) keeps the context its
+    # checkpoint.json records; never less than block_size.
+    checkpoint, _ = make_checkpoint(tmp_path / "ckpt", extra_meta={"max_position_embeddings": recorded})
+    export(run_cli, checkpoint, tmp_path / "hf")
+    theirs = hf_model(tmp_path / "hf")
+    assert theirs.config.max_position_embeddings == written
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").model_max_length == written
+    assert max_logit_difference(load_model(checkpoint).eval(), theirs, prompt_ids(checkpoint)) < ATOL
 
 
 # -- LoRA ------------------------------------------------------------------------------------------

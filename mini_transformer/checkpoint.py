@@ -34,7 +34,7 @@ import yaml
 from .atomic import atomic_directory, atomic_write, atomic_write_text
 from .config import Config
 from .decode_layout import to_decode_layout
-from .errors import SettingError, UserError
+from .errors import SettingError, UserError, first_line
 from .lora import apply_lora, load_adapter
 from .model import Transformer
 from .quantize import is_quantized, load_quantized, quantize_model, read_quantization_meta, save_quantized
@@ -216,7 +216,7 @@ def read_train_state(directory: Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read is a corrupt or unsafe file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"refusing to load {path}: it is corrupt or holds pickled objects ({first[:160]}); "
                         "use another checkpoint") from None
 

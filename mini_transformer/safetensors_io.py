@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write_named
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
@@ -37,5 +37,5 @@ def read_safetensors(path: Path, what: str, fix: str) -> dict[str, torch.Tensor]
     try:
         return load_file(path)
     except (SafetensorError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"{what} {path} are corrupt ({first}); {fix}") from None

@@ -65,7 +65,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..model import KVCache, Transformer
 from .sampling import SamplingParams, make_generator, sample_next_token, seen_mask
 
@@ -140,7 +140,7 @@ def compiled_decode_one_token(model: Transformer, kv_cache: KVCache, token: torc
             return _compiled_next_logits(mode)(model, kv_cache, token, input_pos, position_ids, attn_mask)
     except torch._dynamo.exc.BackendCompilerFailed as error:
         raise UserError(f"compiling the decode step failed ({type(error.inner_exception).__name__}: "
-                        f"{str(error.inner_exception).splitlines()[0][:200]}); generate without "
+                        f"{first_line(error.inner_exception, 200)}); generate without "
                         "compiling the decode step") from None
 
 

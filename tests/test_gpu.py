@@ -16,7 +16,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +33,8 @@ from mini_transformer.model import Transformer, flash_attn_available
 from mini_transformer.training import train
 
 from .conftest import REPO_ROOT
+from .test_distributed import CONFIG as CPU_CONFIG
+from .test_distributed import _free_port
 from .test_train import CORPUS, small_config
 
 pytestmark = pytest.mark.gpu
@@ -199,24 +200,10 @@ def test_fused_adamw_skips_a_non_finite_step_on_the_device(tmp_path, monkeypatch
 STEPS = 6
 TOL = 1e-4  # fp32 on CUDA: summation order differs between one batch of 8 and two of 4
 
-CONFIG = """\
-model: {{d_model: 32, n_heads: 4, n_layers: 2, block_size: 16, dropout: 0.0}}
-training:
-  batch_size: 4
-  max_iters: {steps}
-  lr_decay_iters: {steps}
-  warmup_iters: 2
-  eval_interval: 3
-  eval_iters: 2
-  log_interval: 1
-  learning_rate: 3.0e-3
-  dtype: fp32
-  device: cuda
-  backend: nccl
-  tensorboard: false
-  dist_timeout_s: 60
-data: {{path: {data}, cache_dir: {cache}}}
-"""
+# The CPU tests' run (tests/test_distributed.py), on CUDA over NCCL, with a longer timeout.
+CONFIG = CPU_CONFIG.replace("  device: cpu\n", "  device: cuda\n  backend: nccl\n").replace(
+    "dist_timeout_s: 30", "dist_timeout_s: 60")
+assert "backend: nccl" in CONFIG and "dist_timeout_s: 60" in CONFIG, "tests/test_distributed.py's CONFIG changed"
 
 # `mini-transformer train ...`, recording the process group each rank joins: its backend, its
 # size and the result of one all-reduce of (rank + 1) over it.
@@ -240,12 +227,6 @@ from mini_transformer.cli import main
 
 sys.exit(main(["train", *sys.argv[1:]]))
 '''
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(nproc: int, *args: str, env: dict, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -58,7 +58,7 @@ data: {{path: {data}, cache_dir: {cache}}}
 # A test-only entry point: `mini-transformer train ...` with faults injected on one rank, and
 # every file write or directory creation under MT_TEST_OUT_DIR by a rank other than 0 recorded.
 LAUNCHER = r'''
-import builtins, io, json, os, sys, time
+import builtins, io, json, os, signal, sys, time
 
 rank = int(os.environ.get("RANK", "0"))
 writes = []
@@ -98,6 +98,9 @@ if fault and rank == 1:
 
     def faulty_step(self, lr):
         if self.step + 1 == fault_step:
+            if fault in ("SIGINT", "SIGTERM"):  # this rank alone is asked to stop
+                os.kill(os.getpid(), getattr(signal, fault))
+                return original(self, lr)
             if fault == "hang":
                 time.sleep(3600)
             raise RuntimeError(f"injected failure on rank {rank} at step {fault_step}")
@@ -355,6 +358,22 @@ def test_a_failing_rank_fails_the_job_quickly(ws, fault):
         assert "injected failure on rank 1 at step 2" in result.stderr
     else:
         assert "Timed out" in result.stderr  # rank 0's collective gave up after dist_timeout_s
+
+
+@pytest.mark.slow  # torchrun
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_to_one_rank_stops_all_at_one_step_with_a_checkpoint(ws, signame):
+    # Rank 1 alone is signalled during its step 2 (as when a scheduler's signal reaches the ranks
+    # at different times): its request rides on step 3's loss all-reduce, so both ranks stop
+    # after step 3, rank 0 saves, and the job exits 0 instead of hanging in mismatched collectives.
+    out = f"stop-{signame}"
+    result = ws.launch(out, "--training.max_iters", "100", "--training.lr_decay_iters", "100",
+                       "--training.eval_interval", "100", check=False, timeout=90,
+                       env={"MT_TEST_FAULT": signame, "MT_TEST_FAULT_STEP": "2"})
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    assert "interrupted at step 3;" in result.stdout, result.stdout[-2000:]
+    directory = ckpt.resolve_checkpoint(ws.root / out, prefer="latest")
+    assert ckpt.read_train_state(directory)["step"] == 3
 
 
 @pytest.mark.slow  # torchrun

@@ -358,7 +358,9 @@ def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
 
 
 @pytest.mark.slow  # runs training as a process
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum):
+    """Ctrl-C, and how schedulers (SLURM, Kubernetes, systemd) stop a job: SIGTERM or SIGHUP."""
     config = small_config(tmp_path, max_iters=100000, eval_interval=100000)
     config.save(tmp_path / "run.yaml")
     proc = subprocess.Popen([sys.executable, "train.py", "--config", str(tmp_path / "run.yaml"), "--quiet"],
@@ -367,7 +369,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert "interrupted at step" in stdout

@@ -62,18 +62,26 @@ class TrainResult:
     config: Optional[Config] = None  # as resolved for the run (the caller's is left as it was)
 
 
+# The signals that ask a run to stop cleanly: Ctrl-C, and how schedulers (SLURM, Kubernetes,
+# systemd, torchrun passing on its own) stop a job. SIGHUP does not exist on Windows.
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
+                     if s is not None)
+
+
 class _StopFlag:
-    """Ctrl-C asks the loop to stop after the current step and save; a second Ctrl-C aborts."""
+    """SIGINT (Ctrl-C), SIGTERM or SIGHUP asks the loop to stop after the current step and
+    save; a second one aborts."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopFlag":
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._previous = None
+        for signum in STOP_SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except (ValueError, OSError):  # not the main thread (or not settable here): leave it alone
+                pass
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -82,8 +90,9 @@ class _StopFlag:
         self.requested = True
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
 
 
 def seed_everything(seed: int) -> None:
@@ -164,6 +173,10 @@ class Trainer:
         self.bad_steps = 0  # non-finite steps in a row
         # Steps whose loss, gradient norm and finiteness the host has not read yet: (step, tensors).
         self._pending: list[tuple[int, torch.Tensor]] = []
+        # A stop signal (Ctrl-C, SIGTERM, SIGHUP) seen by this process, and whether any rank's has
+        # reached the host here: ranks agree through the loss's all-reduce, so all stop at one step.
+        self._stop_requested_here = False
+        self.stop_agreed = False
 
     @property
     def t(self) -> TrainingConfig:
@@ -345,7 +358,10 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm)
-        loss = all_reduce_mean(total, self.dist)
+        # This rank's stop request rides on the loss's all-reduce (no extra collective): its mean
+        # is above 0 on every rank once any rank was asked to stop.
+        stop_here = torch.full((), float(self._stop_requested_here), device=self.device)  # a fill, no copy
+        loss, stop = all_reduce_mean(torch.stack([total, stop_here]), self.dist).unbind()
         if self._skips_on_device:
             finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
             # Where found_inf is 1, fused AdamW leaves weights, moments and step count alone.
@@ -355,16 +371,18 @@ class Trainer:
             finally:
                 del self.optimizer.found_inf
             self.optimizer.zero_grad(set_to_none=True)
-            self._pending.append((self.step + 1, torch.stack([loss.float(), grad_norm.float(), finite.float()])))
+            self._pending.append((self.step + 1, torch.stack([loss.float(), grad_norm.float(), finite.float(),
+                                                             stop.float()])))
             return
-        loss_value, norm_value = loss.item(), local_scalar(grad_norm)
+        loss_value, stop_value = torch.stack([loss, stop]).tolist()
+        norm_value = local_scalar(grad_norm)
         # With fp16 loss scaling an inf gradient is the scaler's business: it skips and rescales.
         finite = math.isfinite(loss_value) and (self.scaler.is_enabled() or math.isfinite(norm_value))
         if finite:
             self.scaler.step(self.optimizer)
         self.scaler.update()  # after an overflow, lowers the scale
         self.optimizer.zero_grad(set_to_none=True)
-        self._pending.append((self.step + 1, torch.tensor([loss_value, norm_value, float(finite)])))
+        self._pending.append((self.step + 1, torch.tensor([loss_value, norm_value, float(finite), stop_value])))
 
     def _settle(self) -> list[tuple[float, float]]:
         """Read the pending steps' (loss, grad norm) with one device sync, warn of each skipped
@@ -375,8 +393,10 @@ class Trainer:
         values = torch.stack([v.to(self._pending[0][1].device) for _, v in self._pending]).tolist()
         self._pending.clear()
         settled = []
-        for step, (loss, norm, finite) in zip(steps, values):
+        for step, (loss, norm, finite, stop) in zip(steps, values):
             settled.append((loss, norm))
+            if stop > 0:
+                self.stop_agreed = True
             if finite:
                 self.bad_steps = 0
                 continue
@@ -494,6 +514,7 @@ class Trainer:
                 dropout = dropout_at(self.step, m, t)
                 if t.dropout_end is not None:
                     self.model.set_dropout(dropout)
+                self._stop_requested_here = stop.requested
                 self._train_step(lr)
                 self.step += 1
                 bar.update(1)
@@ -502,8 +523,10 @@ class Trainer:
                 log_step = self.step % t.log_interval == 0 or self.step == t.max_iters
                 eval_step = self.step % t.eval_interval == 0 or last_step
                 # Read the losses at log and eval steps, and often enough to stop a diverging
-                # run within max_bad_steps of its limit.
-                if (log_step or eval_step or stop.requested or len(self._pending) >= t.max_bad_steps
+                # run within max_bad_steps of its limit. Under torchrun only at steps all ranks
+                # read at, for all to see a stop request at the same step.
+                asked_alone = stop.requested and not self.dist.enabled
+                if (log_step or eval_step or asked_alone or len(self._pending) >= t.max_bad_steps
                         or not self._skips_on_device):
                     settled = self._settle()
                     result.losses.extend(loss for loss, _ in settled)
@@ -528,7 +551,7 @@ class Trainer:
                 if out_of_time:
                     self._say(f"stopping at step {self.step}: training.max_seconds ({t.max_seconds:g} s) reached")
                     break
-                if stop.requested:
+                if self.stop_agreed or asked_alone:
                     last_saved = self.save() or last_saved
                     bar.close()
                     self._say(f"interrupted at step {self.step}; checkpoint saved in {self.out_dir}, "

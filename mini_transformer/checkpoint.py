@@ -22,6 +22,7 @@ refuses pickled objects other than tensors and plain containers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -150,6 +151,16 @@ def _write_pointer(path: Path, name: str, step: int, val_loss: Optional[float] =
     if val_loss is not None:
         pointer["val_loss"] = val_loss
     atomic_write_text(path, json.dumps(pointer))
+
+
+def remove_stale_pointer_temps(out_dir: str | os.PathLike) -> None:
+    """Remove the temporary files of pointer writes that a kill interrupted
+    (``.latest.json.*.tmp``, ``.best.json.*.tmp``). Only for the run holding the directory's
+    lock (:mod:`mini_transformer.runlock`): another run's may be in flight otherwise."""
+    for pointer in (LATEST_POINTER, BEST_POINTER):
+        for tmp in Path(out_dir).glob(f".{pointer}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
 
 def _read_pointer(path: Path) -> Optional[str]:

@@ -16,6 +16,7 @@ import torch
 from mini_transformer import checkpoint as ckpt
 from mini_transformer.config import Config, TrainingConfig, ModelConfig, load_config
 from mini_transformer.errors import UserError
+from mini_transformer.runlock import acquire_run_lock
 from mini_transformer.training import train
 from mini_transformer.training.flops import flops_per_token
 from mini_transformer.training.loop import Trainer
@@ -381,6 +382,32 @@ def test_a_fresh_run_never_overwrites_an_earlier_runs_checkpoints(tmp_path):
     quiet(small_config(tmp_path, max_iters=4))
     with pytest.raises(UserError, match="already holds checkpoints.*resume the run"):
         quiet(small_config(tmp_path, max_iters=4))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the run lock is a no-op without fcntl")
+def test_a_run_directory_in_use_by_another_run_is_refused_in_one_line(tmp_path, run_cli):
+    config = small_config(tmp_path, max_iters=2, eval_interval=2)
+    config.save(tmp_path / "run.yaml")
+    with acquire_run_lock(tmp_path / "out"):  # as another run holding out_dir would
+        status, out, err = run_cli("train", "--config", str(tmp_path / "run.yaml"), "--quiet")
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"in use by another run (pid {os.getpid()})" in lines[0], err
+    assert "training.out_dir" in lines[0]
+    assert not any((tmp_path / "out").glob(f"{ckpt.CHECKPOINT_PREFIX}*"))
+
+
+def test_a_run_releases_its_directory_and_cleans_a_killed_runs_pointer_temps(tmp_path):
+    config = small_config(tmp_path, max_iters=2, eval_interval=2)
+    quiet(config)
+    leftover = tmp_path / "out" / ".latest.json.abc123.tmp"  # as a kill during a pointer write leaves
+    leftover.write_text("{")
+    config.training.max_iters = 4
+    result = quiet(config, resume=True)  # the first run released the lock
+    assert result.step == 4
+    assert not leftover.exists()
+    with acquire_run_lock(tmp_path / "out"):  # and so did the second
+        pass
 
 
 def test_the_callers_config_is_left_as_it_was(tmp_path):

@@ -34,6 +34,7 @@ from ..errors import SettingError, UserError
 from ..interop.hf.importer import hf_model_config, hf_provenance, is_hf_directory, read_hf_tokenizer, read_hf_weights
 from ..lora import apply_lora, base_weights_hash, lora_parameter_counts, save_adapter
 from ..model import Transformer
+from ..runlock import RunLock, acquire_run_lock
 from .distributed import (DistributedContext, all_reduce_mean, checkpointable_model, full_optimizer_state_dict,
                           gradient_sync, init_distributed, load_full_optimizer_state, local_scalar, planned_world_size,
                           resolve_global_batch, shard_full_state, shutdown, wrap_model)
@@ -152,6 +153,7 @@ class Trainer:
         self._tf32_before = allow_tf32_on_cuda(self.device)  # restored by close()
         self.dtype = resolve_dtype(self.t.dtype, self.device)
         self.out_dir = Path(self.t.out_dir)
+        self._run_lock: Optional[RunLock] = None  # rank 0's, from setup() to close()
 
         # Built by setup(), in this order.
         self.data: Optional[PreparedData] = None
@@ -193,6 +195,9 @@ class Trainer:
         model (fresh, or a base checkpoint's weights); LoRA; the wrapping (compile, DDP or
         FSDP); the optimizer; then, when resuming, all of the checkpoint's state."""
         seed_everything(self.t.seed)
+        if self.dist.is_main:  # one writer per run directory, locked before anything is written there
+            self._run_lock = acquire_run_lock(self.out_dir)
+            ckpt.remove_stale_pointer_temps(self.out_dir)  # a killed run's, safe to remove under the lock
         resume_dir, base_dir = self._checkpoints_to_read()
         self._prepare_data_and_config(resume_dir, base_dir)
         if resume_dir is not None:
@@ -598,6 +603,9 @@ class Trainer:
             gc.collect()
         shutdown(self.dist)
         restore_tf32(self._tf32_before)
+        if self._run_lock is not None:
+            self._run_lock.release()
+            self._run_lock = None
 
 
 def _refuse_to_overwrite(out_dir: Path) -> None:

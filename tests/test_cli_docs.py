@@ -17,7 +17,7 @@ import pytest
 
 from mini_transformer import demo
 from mini_transformer.cli import COMMANDS, build_parser
-from mini_transformer.commands.extras import check_extras
+from mini_transformer.commands.extras import check_extras, config_keys, visible_flags
 from mini_transformer.config import SECTION_TYPES, SECTIONS, Config, load_config
 from mini_transformer.config_docs import default_text, format_keys, key_docs
 from mini_transformer.errors import UserError
@@ -296,3 +296,13 @@ def test_what_the_commands_write_by_default_is_ignored_by_git():
                             capture_output=True, text=True)
     ignored = set(result.stdout.split())
     assert ignored == set(probe.split()), f"not ignored: {sorted(set(probe.split()) - ignored)}"
+
+
+def test_the_flags_a_command_names_in_its_hints_are_flags_it_takes():
+    """A hint such as the offline GPT-2 one ("... (--data.tokenizer bpe --data.bpe_vocab_size
+    50257)") is spelled with the command's setting_flags; each must be one the command accepts."""
+    keys = {f"--{key}" for key in config_keys()}
+    for name, parser in command_parsers().items():
+        accepted = set(visible_flags(parser)) | (keys if parser.get_default("accepts_overrides") else set())
+        for setting, flag in (parser.get_default("setting_flags") or {}).items():
+            assert flag in accepted, (name, setting, flag)

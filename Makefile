@@ -37,5 +37,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/mini-transformer bench
 
+# What the commands made: the venv, runs and checkpoints (out/, out-*/), the prepared-data cache,
+# benchmark output, Python's caches and build files. Your own files in data/ (data/input.txt,
+# directories made by `prepare --out data/...`) stay. It says what it removes.
+CLEAN := $(wildcard $(VENV) out out-* data/cache bench_out attention .pytest_cache *.egg-info build dist)
 clean:
-	rm -rf $(VENV) out data/cache
+	@echo "removing: $(or $(CLEAN),nothing) (and __pycache__ directories)"
+	rm -rf $(CLEAN)
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

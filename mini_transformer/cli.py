@@ -13,11 +13,12 @@ import importlib
 import importlib.util
 import sys
 
-from .commands.common import with_flags
+from .commands.common import CommandParser, with_flags
+from .commands.extras import check_extras
 from .errors import UserError
 
 COMMANDS = ("prepare", "train", "finetune", "generate", "profile", "bench", "quantize", "merge", "plot",
-            "export", "import")
+            "export", "import", "config")
 # A command whose name is not a valid module name.
 MODULES = {"import": "import_hf"}
 
@@ -27,6 +28,7 @@ examples:
   mini-transformer prepare --input data/input.txt --tokenizer char --out data/shakespeare_char
   mini-transformer train --config config.yaml --training.max_iters 100
   mini-transformer generate --prompt "Once upon a time" --max_tokens 200
+  mini-transformer config --list
 
 Run `mini-transformer COMMAND --help` for the options of each command.
 """
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
     for name in COMMANDS:
         module_name = f"mini_transformer.commands.{MODULES.get(name, name)}"
         if importlib.util.find_spec(module_name) is None:  # a command not built yet
@@ -54,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "accepts_overrides", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        # The subcommand's own parser: its flags are what a mistyped flag is compared with.
+        check_extras(args.command_parser, extra, getattr(args, "accepts_overrides", False))
         status = args.run(args, extra)
     except UserError as exc:
         # One write of the whole line: print() writes the text and the newline separately, and

@@ -11,8 +11,11 @@ A key may also stand at the top level without its section (``compile: true``, or
 ``d_model: 128`` of the size presets): it is filed under the one section that has a key of that
 name. Key names are unique across sections, so this is never ambiguous.
 
+Each key's meaning is the one-line docstring under its field; ``mini-transformer config --list``
+and the ``--help`` of the commands that take a config list them (config_docs.py).
+
 Any key can be overridden from the command line as ``--section.key value`` or
-``--section.key=value``. Every mistake (unknown key, wrong type, impossible sizes) raises
+``--section.key=value`` (or, as in YAML, without its section: ``--compile true``). Every mistake (unknown key, wrong type, impossible sizes) raises
 :class:`~mini_transformer.errors.UserError` with one line naming the key and the fix.
 """
 
@@ -48,21 +51,36 @@ def default_ffn_hidden_size(d_model: int) -> int:
 class ModelConfig:
     """The architecture. Everything the model needs to be built, and nothing else."""
 
-    vocab_size: Optional[int] = None  # None: taken from the tokenizer when training starts
+    vocab_size: Optional[int] = None
+    """Vocabulary size; null: taken from the tokenizer when training starts."""
     d_model: int = 256
+    """Width of the residual stream (the embedding size)."""
     n_heads: int = 8
-    n_kv_heads: Optional[int] = None  # None: = n_heads (MHA); 1: MQA; in between: GQA
+    """Attention heads per layer; d_model must be divisible by it."""
+    n_kv_heads: Optional[int] = None
+    """Key/value heads: null is n_heads (multi-head), 1 is multi-query, in between grouped-query."""
     n_layers: int = 6
-    block_size: int = 256  # context length
+    """Transformer blocks."""
+    block_size: int = 256
+    """Context length in tokens."""
     dropout: float = 0.1
-    ffn_hidden_size: Optional[int] = None  # None: about 8/3 * d_model, rounded up to 64
+    """Dropout on embeddings, attention weights and residual branches, in [0, 1)."""
+    ffn_hidden_size: Optional[int] = None
+    """SwiGLU hidden size; null: about 8/3 of d_model, rounded up to a multiple of 64."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """The normalisation layer of every block and of the final norm."""
     norm_eps: float = 1e-5
+    """Epsilon of the norm layers."""
     rope_base: float = 10000.0
+    """Base of the rotary position embedding's frequencies."""
     tie_embeddings: bool = True
+    """Share one matrix between the token embedding and the LM head."""
     bias: bool = False
+    """Biases in the attention and feed-forward linear layers and in LayerNorm."""
     attention: Literal["auto", "sdpa", "flash", "math"] = "auto"
+    """Attention kernel: auto picks flash-attn, SDPA or the explicit path; math is the explicit softmax."""
     init_std: float = 0.02
+    """Standard deviation of the weight initialisation (residual projections scaled by 1/sqrt(2 n_layers))."""
 
     @property
     def kv_heads(self) -> int:
@@ -82,44 +100,79 @@ class TrainingConfig:
     """The optimisation loop: batches, schedule, precision, evaluation and checkpoints."""
 
     batch_size: int = 32
+    """Sequences per micro-batch on each process."""
     learning_rate: float = 3e-4
+    """Peak learning rate, reached at the end of warmup."""
     max_iters: int = 10000
-    max_seconds: Optional[float] = None  # stop early (evaluated and saved) after this much wall time
+    """Optimizer steps to train for."""
+    max_seconds: Optional[float] = None
+    """Stop after this much wall time, evaluated and saved; null: no time limit."""
     warmup_iters: int = 100
+    """Steps of linear warmup from 0 to learning_rate."""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    lr_decay_iters: Optional[int] = None  # None: = max_iters
-    min_lr: Optional[float] = None  # None: learning_rate / 10
+    """The decay after warmup: cosine or linear down to min_lr, or constant."""
+    lr_decay_iters: Optional[int] = None
+    """The step where the decay reaches min_lr; null: max_iters."""
+    min_lr: Optional[float] = None
+    """The learning rate at the end of the decay; null: learning_rate / 10."""
     weight_decay: float = 0.1
+    """AdamW's decoupled weight decay, on matrices and embeddings (not norms or biases)."""
     beta1: float = 0.9
+    """AdamW's beta1."""
     beta2: float = 0.95
+    """AdamW's beta2."""
     eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
+    """AdamW's epsilon."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm at this value; 0 disables clipping."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step, each loss divided by their number."""
     # Sequences per optimizer step over all processes. When set, gradient_accumulation_steps is
     # derived: global_batch_size / (batch_size x world_size), which must divide exactly.
     global_batch_size: Optional[int] = None
+    """Sequences per optimizer step over all processes; null: batch_size x accumulation x world size."""
     # Dropout annealing: dropout goes from model.dropout to dropout_end over the first
     # dropout_anneal_fraction of training. None disables annealing.
     dropout_end: Optional[float] = None
+    """Anneal dropout from model.dropout to this value; null: no annealing."""
     dropout_anneal: Literal["linear", "cosine"] = "linear"
+    """The shape of the dropout annealing."""
     dropout_anneal_fraction: float = 1.0
+    """The fraction of training, in (0, 1], over which dropout anneals."""
     eval_interval: int = 500
+    """Steps between evaluations (train and val loss; checkpoints are saved at evaluations)."""
     eval_iters: int = 200
+    """Batches averaged per evaluation."""
     log_interval: int = 10
+    """Steps between log lines (progress bar and metrics.jsonl)."""
     out_dir: str = "out"
+    """Where checkpoints, metrics.jsonl and TensorBoard events go (and where generate looks)."""
     always_save_checkpoint: bool = False
-    keep_last: int = 3  # how many step checkpoints to keep besides the best one
-    max_bad_steps: int = 5  # NaN/inf losses in a row before the run stops
-    init_from: Optional[str] = None  # a checkpoint directory (or a Hugging Face model directory) to start from
+    """Save at every evaluation, not only when the val loss improves."""
+    keep_last: int = 3
+    """How many step checkpoints to keep besides the best one."""
+    max_bad_steps: int = 5
+    """Steps in a row with a non-finite loss or gradient before the run stops."""
+    init_from: Optional[str] = None
+    """A checkpoint (or Hugging Face model) directory to start from; null: random weights."""
     seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    """Random seed of the weights, the batches and dropout."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N or mps."""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: bool = False  # torch.compile the model (works on CPU too)
+    """Precision: auto is bf16 autocast where the hardware supports it (fp16 on older GPUs), else fp32."""
+    compile: bool = False
+    """Run the model through torch.compile (works on CPU too, with a C compiler)."""
     gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory, more compute."""
     distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    """Under torchrun: ddp replicates the model, fsdp shards it (FSDP2); auto is ddp."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    dist_timeout_s: float = 300.0  # a collective waiting longer than this fails the job (torchrun)
+    """The torch.distributed backend; auto is nccl on CUDA, gloo on CPU."""
+    dist_timeout_s: float = 300.0
+    """Seconds a collective may wait before the job fails (torchrun)."""
     tensorboard: bool = True
+    """Write TensorBoard events to out_dir/tensorboard when tensorboard is installed."""
 
 
 @dataclass
@@ -127,12 +180,19 @@ class DataConfig:
     """Where the text comes from and how it becomes tokens."""
 
     path: Optional[str] = "data/input.txt"
-    dataset: Optional[str] = None  # a named corpus instead of path: shakespeare | pystdlib
+    """The text: a file, a directory of .txt files, a glob, or a directory made by prepare."""
+    dataset: Optional[str] = None
+    """A named corpus instead of path: shakespeare (downloaded once) or pystdlib (offline)."""
     tokenizer: Literal["char", "byte", "bpe", "gpt2"] = "char"
+    """char, byte, bpe (trained on the text) or gpt2 (GPT-2's BPE via tiktoken)."""
     bpe_vocab_size: int = 2048
-    bpe_train_bytes: Optional[int] = None  # learn BPE merges from the first N bytes only; None: all
+    """Vocabulary size of the bpe tokenizer."""
+    bpe_train_bytes: Optional[int] = None
+    """Learn the BPE merges from the first N bytes only; null: the whole text."""
     val_fraction: float = 0.1
+    """The last fraction of the tokens, held out for validation."""
     cache_dir: str = "data/cache"
+    """Where prepared token files are cached, keyed by the text's content and the tokenizer."""
 
 
 @dataclass
@@ -140,23 +200,34 @@ class GenerationConfig:
     """Defaults for sampling; each can also be given as a flag of ``generate``."""
 
     max_tokens: int = 200
+    """New tokens per sample (generate --max_tokens)."""
     temperature: float = 0.8
+    """0 is greedy; 0.1-0.5 focused, 0.8-1.0 balanced, above 1 wild."""
     top_k: Optional[int] = None
+    """Keep the k most likely tokens; null: off."""
     top_p: Optional[float] = None
+    """Keep the most likely tokens up to this total probability; null: off."""
     min_p: Optional[float] = None
+    """Drop tokens less likely than min_p times the top token; null: off."""
     repetition_penalty: float = 1.0
+    """Above 1 discourages repeating tokens; 1.0: off."""
     num_samples: int = 1
+    """Samples per prompt."""
     stop: list[str] = field(default_factory=list)
+    """Stop a sample when one of these strings appears."""
     # Past block_size the window slides: a row keeps its last context_keep tokens and is
     # prefilled again (None: block_size // 2). See mini_transformer/generation/engine.py.
     context_keep: Optional[int] = None
+    """Past block_size the window slides, keeping this many tokens; null: block_size // 2."""
     # Compile the decode step (torch.compile, static shapes): several seconds of compilation,
     # then faster tokens. Also the generate flag --compile.
     compile_decode: bool = False
+    """Compile the decode step with torch.compile: seconds up front, faster tokens after."""
     # The weights' precision while generating: auto is bf16 on CUDA GPUs that support it (fp16
     # on older ones), where decoding reads half the bytes; elsewhere the checkpoint's own (fp32).
     # Also the generate flag --dtype.
     decode_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """The weights' precision while generating: auto is bf16 on CUDA, the checkpoint's fp32 elsewhere."""
 
 
 @dataclass
@@ -164,17 +235,29 @@ class AdvancedConfig:
     """Optional features: LoRA, quantization, attention logging, speculative sampling."""
 
     use_lora: bool = False
+    """Train LoRA adapters instead of all the weights (finetune sets it)."""
     lora_rank: int = 8
+    """Rank of each LoRA adapter."""
     lora_alpha: float = 16.0
+    """LoRA's scale: the adapters' update is multiplied by lora_alpha / lora_rank."""
     lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["attention"])  # attention, ffn
+    """Dropout on the adapters' input."""
+    lora_targets: list[str] = field(default_factory=lambda: ["attention"])
+    """The layers that get adapters: attention, ffn, or both."""
     quantize: Optional[Literal["int8", "int4"]] = None
+    """Weight-only quantization when a checkpoint loads: int8, int4, or null (none)."""
     quantize_group_size: int = 64  # divides the widths of every preset (128 does not divide 704)
+    """int4: consecutive input weights sharing one scale and zero point."""
     quantize_embedding: bool = False
+    """Also quantize the token embedding (and the LM head tied to it)."""
     log_attention: bool = False
+    """Save the attention maps of a generation (generate --log_attention)."""
     speculative_sampling: bool = False
+    """Speculative decoding with draft_checkpoint as the draft model."""
     draft_checkpoint: Optional[str] = None
+    """The draft model's checkpoint for speculative decoding."""
     speculative_gamma: int = 4
+    """Draft tokens proposed per round of speculative decoding."""
 
 
 SECTION_TYPES: dict[str, type] = {
@@ -326,25 +409,41 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """Turn ``["--model.d_model", "128", "--training.max_iters=100"]`` into nested data."""
+    """Turn ``["--model.d_model", "128", "--training.max_iters=100", "--compile", "true"]`` into
+    nested data. A key without its section (``--compile``) is filed under its section, as in YAML."""
     result: dict[str, dict[str, Any]] = {}
+    flat_homes = _flat_key_homes()
     i = 0
     while i < len(args):
         arg = args[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise UserError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+        name = arg.split("=", 1)[0][2:]
+        if not arg.startswith("--") or not ("." in name or name in flat_homes):
+            hint = _suggest(name) if arg.startswith("--") else "overrides look like --section.key value"
+            raise UserError(f"unexpected argument {arg!r}; {hint}")
         if "=" in arg:
-            dotted, text = arg[2:].split("=", 1)
+            text = arg.split("=", 1)[1]
             i += 1
         else:
-            dotted = arg[2:]
             if i + 1 >= len(args):
-                raise UserError(f"override {arg} needs a value, like {arg} 128 or {arg}=128")
+                raise UserError(f"override {arg} needs a value, like {arg} {_example_value(name)} "
+                                f"or {arg}={_example_value(name)}")
             text = args[i + 1]
             i += 2
-        section, _, key = dotted.partition(".")
+        section, _, key = name.partition(".") if "." in name else (flat_homes[name], ".", name)
         result.setdefault(section, {})[key] = _OverrideText(text)
     return result
+
+
+def _example_value(name: str) -> str:
+    """A value to show in a hint about ``name``: its default, or true for a switch."""
+    key = name.rsplit(".", 1)[-1]
+    section = _flat_key_homes().get(key)
+    if section is None:
+        return "VALUE"
+    default = getattr(SECTION_TYPES[section](), key)
+    if isinstance(default, bool):
+        return "true"
+    return "VALUE" if default is None or isinstance(default, list) else str(default)
 
 
 class _OverrideText(str):

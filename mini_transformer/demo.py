@@ -8,6 +8,8 @@ Python's own standard library (no network needed). Run as ``python -m mini_trans
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import shutil
 import sys
 import time
@@ -86,10 +88,45 @@ def run(input_path: Optional[str]) -> int:
     for piece in stream_text(tokens, tokenizer.decode):
         print(piece, end="", flush=True)
     print(f"\n\ncheckpoint: {Path(OUT_DIR).resolve()}  (done in {time.perf_counter() - started:.0f} s)")
-    print(f"next: python generate.py --checkpoint {OUT_DIR} --prompt {prompt.strip() or 'Hello'!r} --stream")
-    print(f"      python generate.py --checkpoint {OUT_DIR} --interactive")
-    print(f"      mini-transformer plot {OUT_DIR}")
+    first, *rest = next_commands(OUT_DIR, prompt.strip() or "Hello")
+    print(f"next: {first}")
+    for line in rest:
+        print(f"      {line}")
     return 0
+
+
+def next_commands(out_dir: str, prompt: str) -> list[str]:
+    """What to try after the demo, spelled so that each runs as printed from this directory."""
+    cli = cli_command()
+    lines = [f"{cli} generate --checkpoint {out_dir} --prompt {shlex.quote(prompt)} --stream",
+             f"{cli} generate --checkpoint {out_dir} --interactive",
+             f"{cli} plot {out_dir}"]
+    activate = Path(sys.prefix) / "bin" / "activate"
+    if sys.prefix != sys.base_prefix and activate.is_file():  # in a virtual environment (make demo's .venv)
+        lines.append(f"(or `source {shown(activate)}` once; then `mini-transformer ...` and "
+                     "`python train.py ...` work as the README writes them)")
+    return lines
+
+
+def cli_command() -> str:
+    """The command that runs the CLI with this interpreter: the environment's own
+    ``mini-transformer`` script when it has one (``.venv/bin/mini-transformer``), else
+    ``python -m mini_transformer`` with this interpreter's path."""
+    script = Path(sys.executable).with_name("mini-transformer.exe" if os.name == "nt" else "mini-transformer")
+    if script.is_file():
+        return shown(script)
+    return f"{shown(Path(sys.executable))} -m mini_transformer"
+
+
+def shown(path: Path) -> str:
+    """``path`` as typed in a shell here: relative when under this directory (with a slash, so the
+    shell runs that file rather than searching PATH), quoted when needed."""
+    try:
+        text = str(Path(os.path.abspath(path)).relative_to(Path.cwd()))
+        text = text if os.sep in text else os.path.join(".", text)
+    except ValueError:
+        text = str(path)
+    return shlex.quote(text)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def test_unknown_yaml_key_and_bad_files(tmp_path):
 
 @pytest.mark.slow  # runs the CLI as a process
 @pytest.mark.parametrize("argv, pattern", [
-    (["--model.d_modle", "3"], "did you mean 'model.d_model'"),
+    (["--model.d_modle", "3"], r"did you mean --model\.d_model\?"),
     (["--model.d_model", "abc"], "must be an integer"),
     (["--model.d_model", "130"], "must be divisible by model.n_heads"),
     (["--model.n_kv_heads", "3"], "must be divisible by model.n_kv_heads"),
@@ -152,7 +152,7 @@ def test_unknown_yaml_key_and_bad_files(tmp_path):
 ])
 def test_cli_config_errors_exit_2_without_traceback(argv, pattern):
     proc = subprocess.run(
-        [sys.executable, "-m", "mini_transformer", "profile", "--preset", "tiny", "--no-measure", *argv],
+        [sys.executable, "-m", "mini_transformer", "profile", "--preset", "tiny", "--no_measure", *argv],
         capture_output=True, text=True, cwd=REPO_ROOT,
     )
     assert proc.returncode == 2

@@ -260,10 +260,10 @@ def test_refusals_are_one_line_and_write_nothing(run_cli, tmp_path):
     layernorm_bias, _ = make_checkpoint(tmp_path / "ln-bias", norm="layernorm", bias=True)
     _refused(run_cli, tmp_path, "--checkpoint", str(layernorm_bias), "--out", hf,
              says="norm: rmsnorm (LlamaForCausalLM")  # names what would export
-    _refused(run_cli, tmp_path, "--checkpoint", str(ckpt), "--out", hf, "--adapter-format", "peft",
+    _refused(run_cli, tmp_path, "--checkpoint", str(ckpt), "--out", hf, "--adapter_format", "peft",
              says="no LoRA adapter")
-    _refused(run_cli, tmp_path, "--checkpoint", str(ckpt), "--out", hf, "--adapter-out", str(tmp_path / "a"),
-             says="--adapter-format peft")
+    _refused(run_cli, tmp_path, "--checkpoint", str(ckpt), "--out", hf, "--adapter_out", str(tmp_path / "a"),
+             says="--adapter_format peft")
     _refused(run_cli, tmp_path, "--checkpoint", str(tmp_path / "missing"), "--out", hf, says="not found")
     _refused(run_cli, tmp_path, "--checkpoint", str(ckpt), "--out", str(ckpt / "hf"), says="overlaps the checkpoint")
     assert not (tmp_path / "hf").exists() and not (ckpt / "hf").exists()

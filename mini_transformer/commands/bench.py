@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_command, add_setting_flags
+from .common import add_command, add_flag, add_setting_flags
 
 # Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
 
 EXAMPLES = """\
   mini-transformer bench                                  # tiny..large, batch 32, block 256
-  mini-transformer bench --presets tiny small --dtype fp32 --no-memory
+  mini-transformer bench --presets tiny small --dtype fp32 --no_memory
   mini-transformer bench --compare hf                     # ours vs transformers' LlamaForCausalLM
   mini-transformer bench --compare hf --presets small --dtype bf16
   mini-transformer bench --profile --presets small        # Chrome trace + top operators
@@ -28,7 +28,7 @@ def register(subparsers) -> None:
         examples=EXAMPLES)
     parser.add_argument("--presets", nargs="+", default=None, metavar="NAME",
                         help="presets to run (default: tiny small medium large; with --compare: tiny small)")
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=32, help="sequences per training step (default: 32)")
     parser.add_argument("--block_size", type=int, default=None,
                         help="context length (default 256 for the table, each preset's own with --compare)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -36,10 +36,10 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     add_setting_flags(parser, {"device": "--device"})
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (median); large takes fewer")
-    parser.add_argument("--gen_tokens", type=int, default=200)
+    parser.add_argument("--gen_tokens", type=int, default=200, help="tokens generated per timing (default: 200)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile our training step and our decode step")
-    parser.add_argument("--no-memory", dest="memory", action="store_false",
+    add_flag(parser, "--no_memory", "--no-memory", dest="memory", action="store_false",
                         help="skip the peak-memory measurements (each runs in a fresh process)")
     parser.add_argument("--compare", choices=["hf"], help="also time Hugging Face LlamaForCausalLM")
     parser.add_argument("--profile", action="store_true",

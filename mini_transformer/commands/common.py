@@ -12,18 +12,58 @@ from ..errors import SettingError, UserError
 DATA_FLAGS = {"input": "--data.path", "dataset": "--data.dataset", "tokenizer": "--data.tokenizer",
               "vocab_size": "--data.bpe_vocab_size"}
 
-OVERRIDES_HELP = (
-    "Any config key can be overridden as --section.key VALUE or --section.key=VALUE, "
-    "for example --model.d_model 128 --training.max_iters 100 --data.path data/input.txt."
-)
+# Written with its line breaks: the commands' help keeps descriptions as they are written.
+OVERRIDES_HELP = """\
+Any config key can be overridden as --section.key VALUE or --section.key=VALUE, e.g.
+--model.d_model 128 --training.max_iters 100 --data.path data/input.txt; as in YAML, a key
+may also go without its section (--max_iters 100). `mini-transformer config --list` lists
+every key with its type, default and meaning."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser. Its --help can list config keys (see :func:`list_config_keys`); the
+    listing is built only when help is shown, so parsing stays as fast as before."""
+
+    config_key_sections: tuple[str, ...] = ()
+
+    def format_help(self) -> str:
+        if not self.config_key_sections:
+            return super().format_help()
+        from ..config_docs import format_keys
+
+        # Between the options and the examples, so that the examples end the help text.
+        epilog = self.epilog
+        self.epilog = format_keys(self.config_key_sections, self.prog) + "\n" + (epilog or "")
+        try:
+            return super().format_help()
+        finally:
+            self.epilog = epilog
+
+
+def list_config_keys(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+    """Have ``parser``'s --help list the keys of these config sections (type, default, meaning)."""
+    parser.config_key_sections = sections  # read by CommandParser.format_help
+
+
+def add_flag(container, flag: str, *hidden_aliases: str, **kwargs) -> argparse.Action:
+    """Add ``flag`` (to a parser or an argument group), and accept each of ``hidden_aliases`` as
+    another spelling of it that --help does not show: the old dashed spellings, so that scripts
+    written for them keep working while the help shows one spelling (underscores)."""
+    action = container.add_argument(flag, **kwargs)
+    same = {key: value for key, value in kwargs.items() if key not in ("help", "default", "dest", "required")}
+    for alias in hidden_aliases:
+        container.add_argument(alias, dest=action.dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **same)
+    return action
 
 
 def add_command(subparsers, name: str, help: str, description: str, examples: str) -> argparse.ArgumentParser:
     """A subcommand parser with the examples shown under --help."""
-    return subparsers.add_parser(
+    parser = subparsers.add_parser(
         name, help=help, description=description, allow_abbrev=False,
         epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.set_defaults(command_parser=parser)  # the CLI compares a mistyped flag with this parser's
+    return parser
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from ..interop.hf import ADAPTER_FORMATS  # torch-free
-from .common import add_command, add_setting_flags
+from .common import add_command, add_flag, add_setting_flags
 
 # Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
 
 EXAMPLES = """\
   mini-transformer export --checkpoint out --format hf --out out-hf
   mini-transformer export --checkpoint out-finetune --format hf --out out-hf                # LoRA merged
-  mini-transformer export --checkpoint out-finetune --format hf --out out-hf --adapter-format peft
+  mini-transformer export --checkpoint out-finetune --format hf --out out-hf-peft --adapter_format peft
   mini-transformer export --checkpoint out --adapter out-finetune/adapter --format hf --out out-hf
   mini-transformer export --checkpoint out-int8 --format hf --out out-hf --dequantize
 
@@ -44,22 +44,22 @@ def register(subparsers) -> None:
         description="Write a checkpoint in another format. hf: a directory that transformers' "
                     "AutoModelForCausalLM and AutoTokenizer load without custom code (norm: rmsnorm as "
                     "LlamaForCausalLM, norm: layernorm as StableLmForCausalLM). A LoRA run exports merged, "
-                    "or as a PEFT adapter with --adapter-format peft.",
+                    "or as a PEFT adapter with --adapter_format peft.",
         examples=EXAMPLES)
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint or a run's out_dir")
     parser.add_argument("--format", default="hf", choices=sorted(FORMATS), help="the output format (default: hf)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where the exported directory goes")
     parser.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (from finetune) to apply to the checkpoint")
-    parser.add_argument("--adapter-format", "--adapter_format", dest="adapter_format", default="merged",
+    add_flag(parser, "--adapter_format", "--adapter-format", default="merged",
                         choices=ADAPTER_FORMATS,
                         help="merged (default): LoRA folded into the weights; peft: the base weights plus a "
                              "PEFT adapter directory")
-    parser.add_argument("--adapter-out", "--adapter_out", dest="adapter_out", metavar="DIR",
-                        help="with --adapter-format peft: where the PEFT adapter goes (default: OUT/adapter)")
+    add_flag(parser, "--adapter_out", "--adapter-out", metavar="DIR",
+                        help="with --adapter_format peft: where the PEFT adapter goes (default: OUT/adapter)")
     parser.add_argument("--dequantize", action="store_true",
                         help="export a quantized checkpoint as the float32 weights its quantized ones stand for")
-    add_setting_flags(parser, {"dequantize": "--dequantize", "directory": "--out", "adapter_out": "--adapter-out",
-                               "adapter_format": "--adapter-format"})
+    add_setting_flags(parser, {"dequantize": "--dequantize", "directory": "--out", "adapter_out": "--adapter_out",
+                               "adapter_format": "--adapter_format"})
     parser.set_defaults(run=run)
 
 

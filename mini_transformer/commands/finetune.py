@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from .common import DATA_FLAGS, add_command, add_config_arguments, add_setting_flags, config_from_args
+from ..config import SECTIONS
+from .common import (DATA_FLAGS, add_command, add_config_arguments, add_setting_flags, config_from_args,
+                     list_config_keys)
 
 # Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
 
 EXAMPLES = """\
-  mini-transformer finetune --checkpoint out --data.path data/other.txt --training.out_dir out-lora
-  mini-transformer finetune --checkpoint out --config lora.yaml --advanced.lora_rank 16
-  mini-transformer finetune --checkpoint out --full --data.path data/other.txt   # all weights
+  mini-transformer finetune --checkpoint out --data.path data/input.txt         # writes out-finetune/
+  mini-transformer finetune --checkpoint out-shakespeare-char-cpu --data.dataset shakespeare \\
+      --advanced.lora_rank 16 --advanced.lora_targets attention,ffn --training.out_dir out-lora
+  mini-transformer finetune --checkpoint out --full --data.path data/input.txt --training.out_dir out-full
 """
 
 
@@ -26,6 +29,7 @@ def register(subparsers) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_arguments(parser)
     parser.set_defaults(run=run)
+    list_config_keys(parser, SECTIONS)
     add_setting_flags(parser, {**DATA_FLAGS, "resume": "--resume", "device": "--training.device"})
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import AdvancedConfig, Config, merge_into, parse_overrides
 from ..errors import UserError
-from .common import add_command, add_setting_flags, with_flags
+from .common import add_command, add_flag, add_setting_flags, list_config_keys, with_flags
 
 # The session (and through it torch) and yaml are imported when the command runs, not when its
 # parser is built: `mini-transformer --help` stays fast.
@@ -30,16 +30,22 @@ EXAMPLES = """\
   python generate.py --interactive
   python generate.py --prompt "Hello" --stream
   python generate.py --prompt "The" --temperature 0.9 --top_k 50 --top_p 0.95
-  mini-transformer generate --checkpoint out/ckpt-00005000 --prompt "ROMEO:" --num_samples 3 --seed 1
-  mini-transformer generate --prompts_file prompts.txt --max_tokens 50 --temperature 0
-  mini-transformer generate --prompt "def " --stop "\\n\\n" --repetition_penalty 1.1 --min_p 0.05
-  mini-transformer generate --prompt "ROMEO:" --draft_checkpoint out_draft --compare_plain
-  mini-transformer generate --prompt "ROMEO:" --max_tokens 40 --log_attention --attention_dir att
+  mini-transformer generate --checkpoint out-shakespeare-char-cpu --prompt "ROMEO:" --num_samples 3 --seed 1
+  printf 'ROMEO:\\nJULIET:\\n' > out/prompts.txt
+  mini-transformer generate --prompts_file out/prompts.txt --max_tokens 50 --temperature 0
+  mini-transformer generate --prompt "ROMEO:" --stop "\\n\\n" --repetition_penalty 1.1 --min_p 0.05
+  mini-transformer generate --checkpoint out-shakespeare-char-cpu --prompt "ROMEO:" --draft_checkpoint out-tiny \\
+      --compare_plain                        # the draft: train's out-tiny example, same tokenizer
+  mini-transformer generate --prompt "ROMEO:" --max_tokens 40 --log_attention   # maps in out/attention
   mini-transformer generate --prompt "ROMEO:" --device cuda --dtype bf16 --compile
 
 interactive commands: /temp 0.8  /top_k 50  /top_p 0.9  /max_tokens 100  /reset  /help  /quit
   (Ctrl-C stops the current generation, Ctrl-D or /quit leaves)
 """
+
+
+# Under the default out_dir, which .gitignore covers and `make clean` removes.
+ATTENTION_DIR = "out/attention"
 
 
 def register(subparsers) -> None:
@@ -55,7 +61,9 @@ def register(subparsers) -> None:
     what.add_argument("--interactive", action="store_true", help="an interactive session (type /help inside)")
     what.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     what.add_argument("--num_samples", type=int, help="samples per prompt (default: generation.num_samples)")
-    what.add_argument("--max_tokens", type=int, help="new tokens per sample (default: generation.max_tokens)")
+    # --max_new_tokens, the Python API's name for it, is accepted too.
+    add_flag(what, "--max_tokens", "--max_new_tokens", type=int,
+             help="new tokens per sample (default: generation.max_tokens)")
     what.add_argument("--stop", action="append", metavar="TEXT",
                       help="stop when this text appears (not printed); repeatable; \\n means newline")
     sampling = parser.add_argument_group("sampling (applied in this order)")
@@ -88,9 +96,10 @@ def register(subparsers) -> None:
                         help="with --draft_checkpoint: also time plain decoding and print the speedup")
     extras.add_argument("--log_attention", action="store_true",
                         help="save every layer's and head's attention to .npz and a PNG grid")
-    extras.add_argument("--attention_dir", default="attention", metavar="DIR",
-                        help="where --log_attention writes (default: attention)")
+    extras.add_argument("--attention_dir", default=ATTENTION_DIR, metavar="DIR",
+                        help=f"where --log_attention writes (default: {ATTENTION_DIR})")
     parser.set_defaults(run=run, accepts_overrides=True)
+    list_config_keys(parser, ("generation", "advanced"))
     add_setting_flags(parser, {**{name: f"--{name}" for name in SETTING_FLAGS},
                                "group_size": "--advanced.quantize_group_size", "device": "--device"})
 

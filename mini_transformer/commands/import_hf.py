@@ -12,11 +12,11 @@ from .common import add_command, add_setting_flags
 # Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
 
 EXAMPLES = """\
-  mini-transformer import --hf ~/models/SmolLM-135M --out ckpt-smollm --block_size 512
-  mini-transformer import --hf ~/models/TinyLlama-1.1B --out ckpt-tinyllama --dtype bf16
-  mini-transformer import --hf HuggingFaceTB/SmolLM-135M --out ckpt-smollm   # downloads (huggingface_hub)
-  mini-transformer generate --checkpoint ckpt-smollm --prompt "Once upon a time"
-  mini-transformer finetune --checkpoint ckpt-smollm --data.path notes.txt
+  mini-transformer import --hf HuggingFaceTB/SmolLM-135M --out out-smollm   # downloads (huggingface_hub)
+  mini-transformer import --hf HuggingFaceTB/SmolLM-135M --out out-smollm-bf16 --dtype bf16 --block_size 512
+  mini-transformer import --hf out-hf --out out-reimported      # a directory `export` wrote, back again
+  mini-transformer generate --checkpoint out-smollm --prompt "Once upon a time"
+  mini-transformer finetune --checkpoint out-smollm --data.path data/input.txt --training.out_dir out-smollm-lora
 """
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")  # auto and device.DTYPES (spelled out: no torch here)

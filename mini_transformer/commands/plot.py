@@ -8,7 +8,7 @@ from .common import add_command
 
 EXAMPLES = """\
   mini-transformer plot out
-  mini-transformer plot out-shakespeare && xdg-open out-shakespeare/loss.png
+  mini-transformer plot out-shakespeare-char-cpu && xdg-open out-shakespeare-char-cpu/loss.png
 """
 
 

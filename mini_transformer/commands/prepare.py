@@ -11,11 +11,11 @@ from .common import add_command, add_setting_flags
 # Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
 
 EXAMPLES = """\
-  mini-transformer prepare --input data/input.txt --tokenizer char --out data/shakespeare_char
-  mini-transformer prepare --input data/input.txt --tokenizer bpe --vocab_size 2048 --out data/shakespeare_bpe
-  mini-transformer prepare --input notes/ --tokenizer byte          # every *.txt under notes/
-  mini-transformer prepare --input 'books/**/*.md' a.txt b.txt --out data/books
-  cat *.txt | mini-transformer prepare --input - --out data/stdin_char
+  mini-transformer prepare --input data/input.txt --tokenizer char --out data/input_char
+  mini-transformer prepare --input data/input.txt --tokenizer bpe --vocab_size 2048 --out data/input_bpe
+  mini-transformer prepare --input data/ --tokenizer byte --out data/all_byte    # every *.txt in data/
+  mini-transformer prepare --input 'docs/**/*.md' README.md --out data/docs
+  cat README.md docs/*.md | mini-transformer prepare --input - --out data/stdin_char
   mini-transformer prepare --dataset pystdlib --tokenizer bpe --out data/pystdlib_bpe
   mini-transformer prepare --dataset shakespeare --out data/shakespeare_char --block_size 256
 
@@ -53,7 +53,7 @@ def register(subparsers) -> None:
     parser.add_argument("--cache_dir", default="data/cache", metavar="DIR",
                         help="where --dataset downloads are kept (default: data/cache)")
     parser.add_argument("--chunk_size", type=int, default=1 << 20, metavar="BYTES",
-                        help=argparse.SUPPRESS)  # for tests and benchmarks: the streaming block size
+                        help="text read and tokenized per step (default: 1 MiB); memory use grows with it")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
     add_setting_flags(parser, {"input": "--input", "dataset": "--dataset", "tokenizer": "--tokenizer",

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from .common import add_command, add_config_arguments, config_from_args
+from .common import add_command, add_config_arguments, add_flag, config_from_args
 
 # Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
 
 EXAMPLES = """\
   mini-transformer profile --preset small
   mini-transformer profile --config config.yaml --model.n_kv_heads 1
-  mini-transformer profile --preset gpt2 --no-measure
+  mini-transformer profile --preset gpt2 --no_measure
 """
 
 
@@ -19,7 +19,7 @@ def register(subparsers) -> None:
                                      "config, and measure the peak memory of one real training step.",
                          examples=EXAMPLES)
     add_config_arguments(parser)
-    parser.add_argument("--no-measure", dest="measure", action="store_false",
+    add_flag(parser, "--no_measure", "--no-measure", dest="measure", action="store_false",
                         help="skip the measured training step (analytic figures only)")
     parser.set_defaults(run=run)
 

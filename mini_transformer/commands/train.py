@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from .common import DATA_FLAGS, add_command, add_config_arguments, add_setting_flags, config_from_args
+from ..config import SECTIONS
+from .common import (DATA_FLAGS, add_command, add_config_arguments, add_setting_flags, config_from_args,
+                     list_config_keys)
 
 # Heavy imports (torch among them) wait for run(): the parser, and so --help, stays fast.
 
 EXAMPLES = """\
-  python train.py --config config.yaml
+  python train.py --config config.yaml                   # your text in data/input.txt; writes out/
   python train.py --config config.yaml --resume
-  mini-transformer train --config configs/shakespeare_char_cpu.yaml
-  mini-transformer train --preset tiny --data.path data/input.txt --training.max_iters 500
-  torchrun --nproc_per_node 2 train.py --config configs/shakespeare_char_cpu.yaml
+  mini-transformer train --config configs/shakespeare_char_cpu.yaml --data.dataset shakespeare
+  mini-transformer train --preset tiny --data.dataset shakespeare --max_iters 500 --training.out_dir out-tiny
+  torchrun --nproc_per_node 2 train.py --config configs/shakespeare_char_cpu.yaml --data.dataset shakespeare
 """
 
 
@@ -26,6 +28,7 @@ def register(subparsers) -> None:
                         help="continue exactly from the latest checkpoint in training.out_dir")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
+    list_config_keys(parser, SECTIONS)
     add_setting_flags(parser, {**DATA_FLAGS, "resume": "--resume", "device": "--training.device"})
 
 

@@ -17,7 +17,7 @@ from .commands.common import with_flags
 from .errors import UserError
 
 COMMANDS = ("prepare", "train", "finetune", "generate", "profile", "bench", "quantize", "merge", "plot",
-            "export", "import")
+            "export", "import", "serve")
 # A command whose name is not a valid module name.
 MODULES = {"import": "import_hf"}
 

@@ -41,7 +41,7 @@ LIMITS = ServerLimits(max_body_bytes=20_000, max_prompt_tokens=400, max_tokens=1
 def server(tmp_path_factory):
     tokenizer = CharTokenizer.from_text(TEXT)
     config = Config()
-    config.model = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=4, n_layers=2, block_size=32,
+    config.model = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=4, n_layers=2, block_size=16,
                                dropout=0.0, init_std=0.3)
     torch.manual_seed(0)
     directory = save_checkpoint(tmp_path_factory.mktemp("run"), 1, Transformer(config.model), config, tokenizer)
@@ -180,10 +180,10 @@ def test_chat_stream_ends_with_done_on_the_wire(server):
 # -- continuous batching ----------------------------------------------------------------------
 
 def test_sixteen_concurrent_greedy_requests_get_what_each_gets_alone(server, monkeypatch):
-    # Prompt lengths 1..46 (some longer than the 32-token context) and max_tokens 3..48 (some
-    # running past the context, so their windows slide while others decode).
-    prompts = [(TEXT * 2)[i: i + 1 + 3 * i] for i in range(16)]
-    max_tokens = [3 + (7 * i) % 46 for i in range(16)]
+    # Prompt lengths 1..31 (some longer than the 16-token context) and max_tokens 2..24 (some
+    # running past the context, so that their windows slide while others decode).
+    prompts = [TEXT[i: i + 1 + 2 * i] for i in range(16)]
+    max_tokens = [2 + (5 * i) % 23 for i in range(16)]
     alone = [complete(server, p, max_tokens=n).choices[0].text for p, n in zip(prompts, max_tokens)]
     gate = AdmissionGate(server.scheduler, monkeypatch)
     with ThreadPoolExecutor(16) as pool:

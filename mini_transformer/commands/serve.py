@@ -8,6 +8,7 @@ are imported when the command runs, so ``--help`` stays fast and works without t
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -128,8 +129,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
                     "pass --api-key KEY", args.host)
     log.info("serving %s (%s) as %r on http://%s:%d/ with up to %d sequences per step",
              directory, f"{model.num_parameters() / 1e6:.2f}M parameters", name, args.host, args.port, args.max_batch)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           access_log=False, timeout_graceful_shutdown=args.shutdown_timeout))
+    server = graceful_server(uvicorn, uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                                     access_log=False), scheduler, args.shutdown_timeout)
     with stop_signals_end_quietly():
         try:
             server.run()
@@ -142,10 +143,41 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def graceful_server(uvicorn, config, scheduler, grace: float):
+    """A ``uvicorn.Server`` whose shutdown (Ctrl-C, SIGTERM) gives running requests ``grace``
+    seconds to finish, then stops the scheduler, which ends the rest: a stream with an error
+    event and ``[DONE]``, a whole response with 503. uvicorn's own deadline, which cancels the
+    request tasks mid-response, stays a backstop a little later."""
+
+    class GracefulServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(grace, lambda: loop.run_in_executor(None, scheduler.stop))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    config.timeout_graceful_shutdown = grace + 10
+    return GracefulServer(config)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a test may swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging() -> None:
     logger = logging.getLogger("mini_transformer.serve")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

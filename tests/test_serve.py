@@ -321,6 +321,7 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(server):
 CHROMIUM = "/usr/bin/chromium"
 
 
+@pytest.mark.slow  # starts a browser: 2-10 s on a busy 2-core machine
 def test_playground_streams_a_completion_in_a_browser(server):
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
@@ -339,7 +340,8 @@ def test_playground_streams_a_completion_in_a_browser(server):
             page.wait_for_function("document.querySelector('#stats').textContent.includes('finished')",
                                    timeout=20_000)
             assert page.text_content("#generated") == expected
-            assert "tokens/s" in page.inner_text("#stats") and page.inner_text("#error") == ""
+            stats = page.inner_text("#stats")
+            assert stats.startswith("15 tokens, ") and "tokens/s" in stats and page.inner_text("#error") == ""
         finally:
             browser.close()
 

@@ -94,3 +94,10 @@ def test_requests_are_logged_and_a_stop_signal_ends_the_server_with_status_0(run
     events = [line for line in seen["lines"] if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][len("data: "):])["error"]["message"] == "the server is shutting down"
+
+
+def test_only_loopback_addresses_count_as_private():
+    from mini_transformer.commands.serve import is_loopback
+
+    assert all(is_loopback(host) for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
+    assert not any(is_loopback(host) for host in ("0.0.0.0", "::", "192.168.1.5", "example.com"))

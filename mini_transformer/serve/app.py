@@ -43,7 +43,7 @@ from ..session import InvalidSetting, Session, check_settings
 from .chat import ChatFormatter
 from .metrics import Metrics
 from .scheduler import Event, Finished, QueueFull, Scheduler, SchedulerStopped, SequenceRequest, Token
-from .schema import ChatRequest, CompletionRequest, _Sampling
+from .schema import ChatRequest, CompletionRequest, SamplingFields
 
 log = logging.getLogger("mini_transformer.serve")
 
@@ -318,7 +318,7 @@ class Server:
             raise APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
                            code="model_not_found", param="model")
 
-    def sequence_requests(self, body: _Sampling, prompts: list[list[int]], max_tokens: Optional[int]) -> list[SequenceRequest]:
+    def sequence_requests(self, body: SamplingFields, prompts: list[list[int]], max_tokens: Optional[int]) -> list[SequenceRequest]:
         """Each prompt's ``n`` sequences, with the body's settings over the checkpoint's defaults."""
         defaults = self.session.settings
         chosen = {"temperature": body.temperature, "top_k": body.top_k, "top_p": body.top_p, "min_p": body.min_p,
@@ -424,7 +424,7 @@ def create_app(session: Session, scheduler: Scheduler, *, model_name: str, api_k
     return app
 
 
-def _include_usage(body: _Sampling) -> bool:
+def _include_usage(body: SamplingFields) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 

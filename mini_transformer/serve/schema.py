@@ -30,7 +30,7 @@ def _off(name: str, value: Any, off: tuple[Any, ...]) -> Any:
     return value
 
 
-class _Sampling(_Strict):
+class SamplingFields(_Strict):
     """The fields completions and chat share. ``None`` means the checkpoint's generation default."""
 
     model: str
@@ -87,7 +87,7 @@ class _Sampling(_Strict):
         return list(self.stop or [])
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields):
     """``POST /v1/completions``."""
 
     prompt: Union[str, list[str]]
@@ -137,7 +137,7 @@ class ChatMessage(_Strict):
         return self.content or ""
 
 
-class ChatRequest(_Sampling):
+class ChatRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage]

@@ -18,7 +18,7 @@ from .commands.extras import check_extras
 from .errors import UserError
 
 COMMANDS = ("prepare", "train", "finetune", "generate", "profile", "bench", "quantize", "merge", "plot",
-            "export", "import", "config")
+            "export", "import", "serve", "config")
 # A command whose name is not a valid module name.
 MODULES = {"import": "import_hf"}
 

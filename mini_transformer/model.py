@@ -84,9 +84,15 @@ class LayerKVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, K, T, D) at ``input_pos`` (T,); return the whole cache (B, K, L, D)."""
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        """Write k, v (B, K, T, D) at ``input_pos``: the same slots for every row (T,), or each
+        row's own (B, T); return the whole cache (B, K, L, D)."""
+        if input_pos.dim() == 1:
+            self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+            self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        else:
+            slots = input_pos[:, None, :, None].expand_as(k)  # (B, K, T, D)
+            self.k.scatter_(2, slots, k.to(self.k.dtype))
+            self.v.scatter_(2, slots, v.to(self.v.dtype))
         return self.k, self.v
 
 
@@ -97,7 +103,8 @@ class KVCache(nn.Module):
     The model keeps no state between calls: whoever generates owns the cache (one per running
     generation), so several generations can use one model at the same time. Slots are written
     where ``input_pos`` says; which slots hold valid tokens is the owner's bookkeeping (the
-    model masks the slots after each query's own).
+    model masks the slots after each query's own). With a (B, T) ``input_pos`` each row has
+    slots of its own, so rows at different lengths decode together (continuous batching).
     """
 
     def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
@@ -370,7 +377,8 @@ class Transformer(nn.Module):
             kv_cache: the caller's :class:`KVCache`; these tokens' keys and values are written
                 at slots ``input_pos`` and each query sees the slots up to its own. Without
                 it, the call is a plain causal forward over ``idx``.
-            input_pos: (T,) cache slots of these tokens (needed with ``kv_cache``).
+            input_pos: cache slots of these tokens (needed with ``kv_cache``): (T,), the same
+                for every row, or (B, T), each row's own (rows of different lengths).
             position_ids: (B, T) rotary positions per row, when they differ from the slots
                 (left-padded batches). Defaults to ``input_pos`` or ``0..T-1``.
             attn_mask: (B, L) bool, False for key slots a row must not see (its padding).
@@ -423,10 +431,11 @@ class Transformer(nn.Module):
                         attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The boolean mask every layer uses (True = may attend), or None for plain causal."""
         if kv_cache is not None:
-            # Query t sits at cache slot input_pos[t]: it sees the slots up to its own. Later
-            # slots hold stale keys from an earlier sequence.
+            # Query t sits at cache slot input_pos[t] (of its row, for a (B, T) input_pos): it
+            # sees the slots up to its own. Later slots hold stale keys from an earlier sequence.
             slots = torch.arange(kv_cache.max_len, device=device)
-            mask = (slots[None, :] <= input_pos[:, None])[None, None]  # (1, 1, T, L)
+            mask = slots <= input_pos[..., None]  # (T, L) or (B, T, L)
+            mask = mask[None, None] if input_pos.dim() == 1 else mask[:, None]  # (1 or B, 1, T, L)
         elif attn_mask is not None:
             mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]  # (1, 1, T, T)
         else:

@@ -51,6 +51,30 @@ def test_kv_cache_decoding_equals_full_forward(n_kv_heads, attention):
     assert (cached - full).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_rows_at_different_lengths_decode_together_as_each_alone(attention):
+    # Continuous batching: each row of one cache has its own slots ((B, T) input_pos), rows are
+    # at different lengths, and a batched decode step gives each row what it gets alone.
+    model = Transformer(tiny_config(n_kv_heads=2, attention=attention)).eval()
+    lengths = [5, 12, 1]
+    seqs = [torch.randint(0, 61, (n + 6,)) for n in lengths]
+    cache = KVCache.for_model(model, batch_size=3)
+    # The prompts in one call, each row padded on the right with junk tokens: slots past a
+    # row's own length hold stale keys, which its later queries must never see.
+    width = max(lengths)
+    prompts = torch.randint(0, 61, (3, width))
+    for row, (seq, n) in enumerate(zip(seqs, lengths)):
+        prompts[row, :n] = seq[:n]
+    model(prompts, kv_cache=cache, input_pos=torch.arange(width).expand(3, width))
+    for step in range(6):
+        pos = torch.tensor([[n + step] for n in lengths])  # (B, 1): each row's next slot
+        tokens = torch.stack([seq[n + step] for seq, n in zip(seqs, lengths)])[:, None]
+        logits = model(tokens, kv_cache=cache, input_pos=pos).logits[:, 0]
+        for row, (seq, n) in enumerate(zip(seqs, lengths)):
+            alone = model(seq[None, : n + step + 1]).logits[0, -1]
+            torch.testing.assert_close(logits[row], alone, rtol=0, atol=1e-5)
+
+
 def test_math_and_sdpa_paths_agree_and_match_float64_reference():
     config = tiny_config(n_kv_heads=2)
     sdpa = Transformer(config).eval()

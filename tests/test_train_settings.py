@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tqdm import tqdm
 
@@ -14,6 +15,7 @@ from mini_transformer.errors import UserError
 from mini_transformer.training.loop import Trainer
 from mini_transformer.training.metrics import Throughput, evaluations_left, format_duration
 from mini_transformer.training.schedule import learning_rate_at, resolve_schedule
+from mini_transformer.training.timing import expected_time_lines
 
 from .conftest import REPO_ROOT
 from .test_train import quiet, small_config
@@ -248,25 +250,45 @@ def test_evaluation_advances_its_own_progress_bar(finished_run):
         trainer.close()
 
 
-def test_the_expected_time_counts_steps_and_evaluations(finished_run, tmp_path):
-    _, config = finished_run
-    config = small_config(tmp_path, max_iters=10**9, eval_interval=10**6)
+def test_the_expected_time_counts_steps_and_evaluations():
+    config = load_config(DEFAULT_CONFIG)
+    lines = expected_time_lines(config, 0, torch.device("cpu"), step_s=4.5, evaluation_batch_s=0.75, val_batches=20)
+    # 10,000 x 4.5 s + 21 evaluations x 400 batches x 0.75 s + 20 x 0.75 s = 51,315 s
+    assert lines == [
+        "expected time: 14 h 15 min on cpu (10,000 steps of 4.5 s, 21 evaluations of 5 min; from a step timed now)",
+        "note: that is long for a CPU; the CPU recipe trains a small character model in a few minutes: "
+        "python train.py --config configs/shakespeare_char_cpu.yaml --data.path data/input.txt"]
+    short = expected_time_lines(load_config(CPU_RECIPE), 0, torch.device("cpu"), 0.03, 0.01, 10)
+    assert len(short) == 1 and short[0].startswith("expected time: 1 min 4 s on cpu (2,000 steps of 30 ms, 9 evaluations of 400 ms;")
+    config.training.max_seconds = 600.0
+    capped = expected_time_lines(config, 0, torch.device("cpu"), 4.5, 0.75, 20)
+    assert capped == ["expected time: 10 min on cpu (10,000 steps of 4.5 s, 21 evaluations of 5 min; "
+                      "from a step timed now, stopped by training.max_seconds)"]  # and no hint
+    config.training.max_seconds = None
+    resumed = expected_time_lines(config, 9000, torch.device("cuda"), 4.5, 0.75, 20)
+    assert len(resumed) == 1 and "(1,000 steps of 4.5 s, 2 evaluations of 5 min;" in resumed[0]
+
+
+def test_timing_a_step_leaves_the_run_as_it_was(tmp_path):
     lines = []
-    trainer = Trainer(config, progress=False, log=lines.append)
+    trainer = Trainer(small_config(tmp_path), progress=False, log=lines.append)
     trainer.setup()
     try:
+        weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        rng, sampler = torch.get_rng_state(), trainer.train_sampler.state_dict()
         trainer._say_expected_time(tqdm(disable=True))
+        assert torch.equal(torch.get_rng_state(), rng) and trainer.model.training
+        assert all(p.grad is None for p in trainer.model.parameters())
+        assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
+        assert str(trainer.train_sampler.state_dict()) == str(sampler)
     finally:
         trainer.close()
-    expected, hint = lines[-2:]
-    assert expected.startswith("expected time: ") and "1,000,000,000 steps of" in expected
-    assert "1001 evaluations of" in expected and expected.endswith("from a step timed now)")
-    assert hint.startswith("note: that is long for a CPU") and "configs/shakespeare_char_cpu.yaml" in hint
-    assert f"--data.path {config.data.path}" in hint
+    assert lines[-1].startswith("expected time: ") and "8 steps of" in lines[-1]
 
 
 def test_evaluations_left_and_durations():
     assert evaluations_left(0, 10000, 500) == 21  # step 0's and 20 more
     assert evaluations_left(0, 1050, 500) == 4  # 0, 500, 1000 and the last step
     assert evaluations_left(500, 1000, 500) == 1
-    assert [format_duration(s) for s in (3.21, 250, 45000, 90061)] == ["3.2 s", "4 min 10 s", "12 h 30 min", "1 d 1 h"]
+    assert [format_duration(s) for s in (0.0304, 3.21, 250, 45000, 90061)] == [
+        "30 ms", "3.2 s", "4 min 10 s", "12 h 30 min", "1 d 1 h"]

@@ -39,9 +39,10 @@ from .distributed import (DistributedContext, all_reduce_mean, checkpointable_mo
                           gradient_sync, init_distributed, load_full_optimizer_state, local_scalar, planned_world_size,
                           resolve_global_batch, shard_full_state, shutdown, wrap_model)
 from .flops import count_parameters, flops_per_token, measure_matmul_flops, model_flops_utilization
-from .metrics import MetricsLogger, Throughput, evaluations_left, format_duration, run_seconds
+from .metrics import MetricsLogger, Throughput
 from .optim import build_optimizer
 from .schedule import dropout_at, learning_rate_at, resolve_schedule
+from .timing import expected_time_lines, time_a_step
 
 
 TROUBLESHOOTING = (
@@ -49,10 +50,6 @@ TROUBLESHOOTING = (
     "keep training.grad_clip at 1.0, check the data, or use training.dtype fp32"
 )
 
-# A run estimated longer than this on a CPU is pointed to the CPU recipe, which trains a small
-# character model in about two minutes (README, Results).
-LONG_CPU_RUN_S = 3600.0
-CPU_RECIPE = "configs/shakespeare_char_cpu.yaml"
 # An embedding may be padded past the tokenizer's vocabulary up to this multiple (GPT-2's 50257
 # to 50304 is a little faster on GPUs); more rows than that are never used, and were a mistake.
 VOCAB_PADDING = 128
@@ -651,52 +648,19 @@ class Trainer:
 
     # -- the expected duration ----------------------------------------------------------------
     def _say_expected_time(self, bar) -> None:
-        """Before the first evaluation, one line with the run's expected wall time on this
-        device, from a step timed now (and, on a CPU, the way to a run of minutes)."""
-        t = self.t
+        """Before the first evaluation, the run's expected wall time on this device, from a step
+        of the plain model timed now and undone (gradients dropped, RNG states restored)."""
         bar.set_description("train (timing a step)")
-        step_s, forward_s = self._time_a_step()
-        bar.set_description("train")
-        evaluation_s = 2 * t.eval_iters * forward_s
-        steps = t.max_iters - self.step
-        evaluations = evaluations_left(self.step, t.max_iters, t.eval_interval)
-        total = run_seconds(steps=steps, step_s=step_s, evaluations=evaluations, evaluation_s=evaluation_s)
-        total += self._exact_val_batches() * forward_s  # the final pass over the whole val split
-        compiled = ", timed uncompiled" if t.compile else ""
-        self._say(f"expected time: {format_duration(total)} on {self.device.type} ({steps:,} steps of "
-                  f"{format_duration(step_s)}, {evaluations} evaluations of {format_duration(evaluation_s)}; "
-                  f"from a step timed now{compiled})")
-        if self.device.type == "cpu" and total > LONG_CPU_RUN_S:
-            data = f"--data.dataset {self.config.data.dataset}" if self.config.data.dataset else \
-                f"--data.path {self.config.data.path}"
-            self._say(f"note: that is long for a CPU; the CPU recipe trains a small character model in a few minutes: "
-                      f"python train.py --config {CPU_RECIPE} {data}")
-
-    def _time_a_step(self) -> tuple[float, float]:
-        """(seconds per optimizer step, seconds per forward of one batch), from the second of two
-        forward and backward passes of the plain model on a batch of its own. Undone: the
-        gradients are dropped, the RNG states restored, the run's batch sampler is untouched."""
-        t, m = self.t, self.config.model
         state = rng_state()
-        sampler = RandomBatchSampler(self.data.train, batch_size=t.batch_size, block_size=m.block_size,
-                                     seed=t.seed + 7, device=self.device)
         try:
-            for _ in range(2):  # the first pass pays for one-time set-up (kernels, allocator)
-                x, y = sampler.next_batch()
-                _synchronize(self.device)
-                start = time.perf_counter()
-                with autocast(self.device, self.dtype):
-                    loss = self.model(x, y).loss
-                _synchronize(self.device)
-                forward_s = time.perf_counter() - start
-                loss.backward()
-                _synchronize(self.device)
-                step_s = time.perf_counter() - start
+            step_s, evaluation_batch_s = time_a_step(self.model, self.data.train, self.config, self.device,
+                                                     self.dtype)
         finally:
-            for p in self.model.parameters():
-                p.grad = None
             set_rng_state(state)
-        return step_s * t.gradient_accumulation_steps, forward_s
+            bar.set_description("train")
+        for line in expected_time_lines(self.config, self.step, self.device, step_s, evaluation_batch_s,
+                                        self._exact_val_batches()):
+            self._say(line)
 
     def _evaluate(self, lr: float, bar) -> bool:
         """Estimate train/val loss, log them, and track the best; True if val loss improved."""
@@ -732,14 +696,6 @@ class Trainer:
         if self._run_lock is not None:
             self._run_lock.release()
             self._run_lock = None
-
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, for a timing to measure it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def _refuse_to_overwrite(out_dir: Path) -> None:

@@ -125,7 +125,9 @@ def evaluations_left(step: int, max_iters: int, eval_interval: int) -> int:
 
 
 def format_duration(seconds: float) -> str:
-    """``12 h 30 min``, ``4 min 10 s``, ``3.2 s``: two units at most, the larger first."""
+    """``12 h 30 min``, ``4 min 10 s``, ``3.2 s``, ``30 ms``: two units at most, the larger first."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
     if seconds < 10:
         return f"{seconds:.1f} s"
     seconds = round(seconds)

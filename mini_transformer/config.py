@@ -38,6 +38,7 @@ from .errors import SettingError, UserError
 # reads YAML, and yaml's import is a fifth of --help's time.
 
 SECTIONS = ("model", "training", "data", "generation", "advanced")
+COMMAND_LINE = "command line"  # the source name of --section.key overrides (see Config.set_by)
 PRESETS_DIR = Path(__file__).parent / "configs"
 
 
@@ -107,8 +108,10 @@ class TrainingConfig:
     """Optimizer steps to train for."""
     max_seconds: Optional[float] = None
     """Stop after this much wall time, evaluated and saved; null: no time limit."""
-    warmup_iters: int = 100
-    """Steps of linear warmup from 0 to learning_rate."""
+    # The schedule follows max_iters unless set: warmup at most a tenth of the run, decay to its
+    # end (training/schedule.py resolve_schedule, which also says when a set one does not fit).
+    warmup_iters: int = 500
+    """Steps of linear warmup from 0 to learning_rate (500: 5% of the default max_iters, as in config.yaml)."""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """The decay after warmup: cosine or linear down to min_lr, or constant."""
     lr_decay_iters: Optional[int] = None
@@ -276,10 +279,30 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     advanced: AdvancedConfig = field(default_factory=AdvancedConfig)
+    # Which keys a user set, and where: "section.key" -> the source that set it last (a preset,
+    # a file, or COMMAND_LINE). Recorded by the loader, never saved: the run's schedule follows
+    # max_iters only where its own keys were not set (training/schedule.py).
+    set_by: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     # -- conversion -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        return {section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}
+
+    # -- provenance -------------------------------------------------------------------------
+    def is_set(self, dotted: str) -> bool:
+        """Whether ``section.key`` was given by a user: recorded by the loader, or (in a config
+        built in Python) different from the built-in default."""
+        if dotted in self.set_by:
+            return True
+        section, key = dotted.split(".", 1)
+        default = getattr(SECTION_TYPES[section](), key)
+        return getattr(getattr(self, section), key) != default
+
+    def set_on_command_line(self, dotted: str) -> bool:
+        """Whether ``section.key`` was set last and most directly: on the command line, or in
+        Python (changed from its default without the loader seeing it)."""
+        source = self.set_by.get(dotted)
+        return source == COMMAND_LINE or (source is None and self.is_set(dotted))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "Config":
@@ -371,7 +394,7 @@ def load_config(
     if path is not None:
         merge_into(config, _read_yaml(Path(path)), str(path))
     if overrides:
-        merge_into(config, parse_overrides(overrides), "command line")
+        merge_into(config, parse_overrides(overrides), COMMAND_LINE)
     config.validate()
     return config
 
@@ -479,6 +502,7 @@ def _set_key(config: Config, section: str, key: str, value: Any, source: str) ->
         raise UserError(f"{source}: unknown config key '{section}.{key}'; {_suggest(section + '.' + key)}")
     coerced = coerce_value(value, hints[key], f"{section}.{key}", source)
     setattr(section_obj, key, coerced)
+    config.set_by[f"{section}.{key}"] = source
 
 
 def _suggest(name: str) -> str:

@@ -35,6 +35,10 @@ from .conftest import REPO_ROOT
 from .test_train import CORPUS
 
 STEPS = 6  # optimizer steps of a full run; a resumed run stops at STEPS // 2 first
+# The first half of a full run: a max_iters set on the command line rescales the file's schedule
+# unless the schedule is set there too (training/schedule.py resolve_schedule).
+FIRST_HALF = ("--training.max_iters", str(STEPS // 2), "--training.lr_decay_iters", str(STEPS),
+              "--training.warmup_iters", "2")
 TOL = 1e-5
 
 CONFIG = """\
@@ -230,7 +234,7 @@ def ddp_run(ws) -> tuple[Path, subprocess.CompletedProcess]:
 
 @pytest.fixture(scope="module")
 def ddp_resumed(ws) -> Path:
-    ws.launch("ddp_resume", "--training.max_iters", str(STEPS // 2))
+    ws.launch("ddp_resume", *FIRST_HALF)
     first = ws.audit("ddp_resume")
     ws.launch("ddp_resume", "--resume")
     return ws.root / "ddp_resume", first + ws.audit("ddp_resume")
@@ -238,7 +242,7 @@ def ddp_resumed(ws) -> Path:
 
 @pytest.fixture(scope="module")
 def fsdp_resumed(ws) -> tuple[Path, Path]:
-    ws.launch("fsdp", "--training.distributed", "fsdp", "--training.max_iters", str(STEPS // 2))
+    ws.launch("fsdp", "--training.distributed", "fsdp", *FIRST_HALF)
     half = ws.root / "fsdp_half"
     shutil.copytree(ws.root / "fsdp", half)  # kept for a single-process resume
     ws.launch("fsdp", "--training.distributed", "fsdp", "--resume")

@@ -237,6 +237,8 @@ def open_session(args: argparse.Namespace, overrides: list[str]) -> tuple[Sessio
     # The model (and a LoRA run's adapters) is built from the checkpoint's own config; only how
     # to quantize it comes from the merged one.
     advanced = config.advanced
+    if advanced.quantize and not args.quantize:
+        say_config_quantization(directory, advanced.quantize, quantize_source(args.config, file_raw, override_raw))
     model, _, tokenizer = load_for_inference(directory, device, adapter=args.adapter, dtype=dtype, config=saved,
                                              quantize=args.quantize or advanced.quantize,
                                              group_size=advanced.quantize_group_size,
@@ -253,6 +255,24 @@ def open_session(args: argparse.Namespace, overrides: list[str]) -> tuple[Sessio
             note("--compile applies to plain decoding; speculative decoding runs uncompiled "
                  "(and so does its --compare_plain baseline, to compare like with like)")
     return session, advanced
+
+
+def quantize_source(config_path: str | None, file_raw: dict[str, Any], override_raw: dict[str, Any]) -> str:
+    """Which source set advanced.quantize: the command line, the --config file, or the checkpoint's config."""
+    for raw, name in ((override_raw, "the command line"), (file_raw, config_path)):
+        section = raw.get("advanced")
+        if isinstance(section, dict) and "quantize" in section:
+            return str(name)
+    return "the checkpoint's config"
+
+
+def say_config_quantization(directory: Path, mode: str, source: str) -> None:
+    """A quantization the user did not ask for on this command line is said, not done silently."""
+    from ..quantize import read_quantization_meta
+
+    if read_quantization_meta(directory) is None:  # a quantized checkpoint loads as it is
+        note(f"quantizing the weights to {mode} on load (advanced.quantize in {source}); "
+             "--advanced.quantize null loads them in full precision")
 
 
 def print_samples(session: Session, text: str, prompt: Prompt, stream: bool, compare_plain: bool) -> list[int]:

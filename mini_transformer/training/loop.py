@@ -39,15 +39,20 @@ from .distributed import (DistributedContext, all_reduce_mean, checkpointable_mo
                           gradient_sync, init_distributed, load_full_optimizer_state, local_scalar, planned_world_size,
                           resolve_global_batch, shard_full_state, shutdown, wrap_model)
 from .flops import count_parameters, flops_per_token, measure_matmul_flops, model_flops_utilization
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, Throughput
 from .optim import build_optimizer
-from .schedule import dropout_at, learning_rate_at
+from .schedule import dropout_at, learning_rate_at, resolve_schedule
+from .timing import expected_time_lines, time_a_step
 
 
 TROUBLESHOOTING = (
     "the loss is not finite; lower training.learning_rate (try 1e-4), increase training.warmup_iters, "
     "keep training.grad_clip at 1.0, check the data, or use training.dtype fp32"
 )
+
+# An embedding may be padded past the tokenizer's vocabulary up to this multiple (GPT-2's 50257
+# to 50304 is a little faster on GPUs); more rows than that are never used, and were a mistake.
+VOCAB_PADDING = 128
 
 
 @dataclass
@@ -199,6 +204,7 @@ class Trainer:
             self._run_lock = acquire_run_lock(self.out_dir)
             ckpt.remove_stale_pointer_temps(self.out_dir)  # a killed run's, safe to remove under the lock
         resume_dir, base_dir = self._checkpoints_to_read()
+        self._resolve_schedule(resume_dir)
         self._prepare_data_and_config(resume_dir, base_dir)
         if resume_dir is not None:
             self._check_resumable(resume_dir)
@@ -215,6 +221,11 @@ class Trainer:
             self._base_weights_hash = base_weights_hash(self.model)
         self._open_outputs(resumed=resume_dir is not None)
         self._describe()
+        if self.config.advanced.quantize:
+            q = self.config.advanced.quantize
+            self._say(f"note: advanced.quantize {q} applies when generating: this run trains and saves "
+                      f"full-precision weights, `generate` quantizes them to {q} on load (it reads "
+                      f"the run's config), and `mini-transformer quantize --mode {q}` writes a compact copy")
 
     def _checkpoints_to_read(self) -> tuple[Optional[Path], Optional[Path]]:
         """(the checkpoint to resume, the base checkpoint to fine-tune); either may be None."""
@@ -228,6 +239,15 @@ class Trainer:
                             "to its checkpoint")
         return resume_dir, base_dir
 
+    def _resolve_schedule(self, resume_dir: Optional[Path]) -> None:
+        """The warmup and decay this run trains with (see :func:`resolve_schedule`); a resumed
+        run keeps its checkpoint's where they follow max_iters."""
+        saved = ckpt.read_config(resume_dir).training if resume_dir is not None else None
+        training, lines = resolve_schedule(self.config, saved)
+        self.config = dataclasses.replace(self.config, training=training)
+        for line in lines:
+            self._say(line)
+
     def _prepare_data_and_config(self, resume_dir: Optional[Path], base_dir: Optional[Path]) -> None:
         """Tokenize the data and resolve the model section: a fine-tuning run has its base's
         architecture (a resumed one its checkpoint's) with this run's dropout, and
@@ -237,6 +257,7 @@ class Trainer:
         if arch_dir is not None:
             model = dataclasses.replace(_base_model_config(arch_dir, model.block_size), dropout=model.dropout)
             self.provenance = _base_provenance(arch_dir)
+            self._say_unused_model_keys(arch_dir, model)
         # The tokenizer of a checkpoint wins: resumed and fine-tuned runs must encode the same way.
         tokenizer = _base_tokenizer(resume_dir or base_dir, model.vocab_size) if (resume_dir or base_dir) else None
         self.data = prepare_dataset(self.config.data, tokenizer=tokenizer, progress=self.progress and self.dist.is_main,
@@ -248,12 +269,27 @@ class Trainer:
         elif model.vocab_size < vocab:
             raise UserError(f"model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's "
                             f"vocabulary ({vocab}); remove model.vocab_size or set it to at least {vocab}")
+        elif arch_dir is None and resume_dir is None and model.vocab_size > -(-vocab // VOCAB_PADDING) * VOCAB_PADDING:
+            gpt2 = " (for GPT-2's vocabulary set data.tokenizer gpt2)" if model.vocab_size in (50257, 50304) else ""
+            raise UserError(f"model.vocab_size ({model.vocab_size}) is far above the {self.tokenizer.kind} "
+                            f"tokenizer's {vocab} tokens: {model.vocab_size - vocab:,} embedding rows would never be "
+                            f"used; remove model.vocab_size, it defaults to the tokenizer's{gpt2}")
         check_split_lengths(self.data, model.block_size)
         self.config = dataclasses.replace(self.config, model=model)
         self.config.validate()
         self.train_sampler = RandomBatchSampler(
             self.data.train, batch_size=t.batch_size, block_size=model.block_size, seed=t.seed,
             rank=self.dist.rank, world_size=self.dist.world_size, device=self.device)
+
+    def _say_unused_model_keys(self, arch_dir: Path, model: ModelConfig) -> None:
+        """One line when the model section sets keys that the base's architecture replaces."""
+        unused = [f"{f.name} {getattr(self.config.model, f.name)}" for f in dataclasses.fields(ModelConfig)
+                  if f.name != "dropout" and self.config.is_set(f"model.{f.name}")
+                  and getattr(self.config.model, f.name) != getattr(model, f.name)]
+        if unused:
+            self._say(f"note: the model is training.init_from's ({arch_dir}: d_model {model.d_model}, "
+                      f"{model.n_layers} layers, {model.n_heads} heads, context {model.block_size}); the model "
+                      f"section's {', '.join(unused)} do not apply (dropout does)")
 
     def _check_resumable(self, directory: Path) -> None:
         """Refuse a checkpoint of another model shape before building anything."""
@@ -413,8 +449,9 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
-    def estimate_loss(self) -> dict[str, float]:
-        """Mean loss over ``eval_iters`` random batches of each split (seeded by the step)."""
+    def estimate_loss(self, progress: Any = None) -> dict[str, float]:
+        """Mean loss over ``eval_iters`` random batches of each split (seeded by the step);
+        ``progress`` (a tqdm bar) advances by one per batch and is closed at the end."""
         self.model.eval()
         result = {}
         for split, tokens in (("train", self.data.train), ("val", self.data.val)):
@@ -428,13 +465,18 @@ class Trainer:
                 x, y = sampler.next_batch()
                 with autocast(self.device, self.dtype):
                     losses[i] = self.model(x, y).loss
+                if progress is not None:
+                    progress.update(1)
             result[split] = all_reduce_mean(losses.mean(), self.dist).item()
         self.model.train()
+        if progress is not None:
+            progress.close()
         return result
 
     @torch.no_grad()
-    def exact_val_loss(self) -> float:
-        """Token-weighted mean loss over every full window of the whole validation split."""
+    def exact_val_loss(self, progress: Any = None) -> float:
+        """Token-weighted mean loss over every full window of the whole validation split;
+        ``progress`` as in :meth:`estimate_loss`."""
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -442,6 +484,8 @@ class Trainer:
         for i, (x, y) in enumerate(iter_sequential_batches(self.data.val, self.t.batch_size,
                                                            self.config.model.block_size, device=self.device)):
             n_batches = i + 1
+            if progress is not None:
+                progress.update(1)
             if i % self.dist.world_size != self.dist.rank:
                 continue
             with autocast(self.device, self.dtype):
@@ -457,6 +501,8 @@ class Trainer:
             dist.all_reduce(total)
             dist.all_reduce(count)
         self.model.train()
+        if progress is not None:
+            progress.close()
         return (total / count.clamp(min=1)).item()
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -499,6 +545,10 @@ class Trainer:
         t, m = self.t, self.config.model
         started = time.perf_counter()
         result = TrainResult(self.out_dir, self.step, self.best_val_loss, None, config=self.config)
+        if self.resume and self.step >= t.max_iters:
+            self._say(f"the run in {self.out_dir} is already finished (step {self.step} of training.max_iters "
+                      f"{t.max_iters}); nothing to do, raise training.max_iters to train it further")
+            return result
         # MFU's ceiling: this device's matmul rate in the training dtype, timed now. It is lower
         # than the hardware's rated peak, which real matmuls rarely reach.
         matmul_flops_per_s = measure_matmul_flops(self.device, self.dtype)
@@ -509,10 +559,16 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=t.max_iters, initial=self.step, disable=not (self.progress and self.dist.is_main),
                    unit="it", dynamic_ncols=True, desc="train")
-        last_log_time, last_log_step = time.perf_counter(), self.step
+        if self.log is not None and not self.dist.enabled:
+            self._say_expected_time(bar)
+        throughput = Throughput(tokens_per_step, self.step)
         last_saved: Optional[Path] = None
         if self.step == 0:  # where training starts from: the baseline of the curve (and of fine-tuning)
-            self._evaluate(lr=learning_rate_at(0, t), bar=bar)
+            with throughput.paused():
+                self._evaluate(lr=learning_rate_at(0, t), bar=bar)
+        compiling = t.compile  # the first step waits for torch.compile, minutes on a CPU
+        if compiling:
+            bar.set_description("train (compiling the model for the first step)")
         with _StopFlag() as stop:
             while self.step < t.max_iters:
                 lr = learning_rate_at(self.step, t)
@@ -522,6 +578,9 @@ class Trainer:
                 self._stop_requested_here = stop.requested
                 self._train_step(lr)
                 self.step += 1
+                if compiling:
+                    compiling = False
+                    bar.set_description("train", refresh=False)
                 bar.update(1)
                 out_of_time = t.max_seconds is not None and time.perf_counter() - started >= t.max_seconds
                 last_step = self.step == t.max_iters or out_of_time
@@ -539,10 +598,9 @@ class Trainer:
                         loss, grad_norm = settled[-1]
                 if log_step:
                     now = time.perf_counter()
-                    tokens_per_s = tokens_per_step * (self.step - last_log_step) / max(now - last_log_time, 1e-9)
+                    tokens_per_s = throughput.tokens_per_s(self.step)  # evaluation and saving left out
                     mfu = model_flops_utilization(train_flops_per_token, tokens_per_s / self.dist.world_size,
                                                   matmul_flops_per_s)
-                    last_log_time, last_log_step = now, self.step
                     bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s "
                                         f"mfu {mfu:.1%} of measured matmul")
                     # mfu's denominator goes with it: a figure of this machine, not a spec sheet's.
@@ -550,9 +608,10 @@ class Trainer:
                                   "tokens_per_s": tokens_per_s, "mfu": mfu, "matmul_flops_per_s": matmul_flops_per_s,
                                   "dropout": dropout, "time_s": now - started})
                 if eval_step:
-                    improved = self._evaluate(lr, bar)
-                    if improved or t.always_save_checkpoint or last_step:
-                        last_saved = self.save(is_best=improved) or last_saved
+                    with throughput.paused():
+                        improved = self._evaluate(lr, bar)
+                        if improved or t.always_save_checkpoint or last_step:
+                            last_saved = self.save(is_best=improved) or last_saved
                 if out_of_time:
                     self._say(f"stopping at step {self.step}: training.max_seconds ({t.max_seconds:g} s) reached")
                     break
@@ -566,7 +625,7 @@ class Trainer:
             result.losses.extend(loss for loss, _ in self._settle())  # a Ctrl-C between two reads
         bar.close()
         if not result.interrupted:
-            val = self.exact_val_loss()
+            val = self.exact_val_loss(progress=self._eval_bar(self._exact_val_batches(), "final val loss (whole split)"))
             result.final_val_loss = val
             self._record({"iter": self.step, "final_val_loss": val, "val_ppl": math.exp(val),
                           "time_s": time.perf_counter() - started, "final": True})
@@ -576,9 +635,40 @@ class Trainer:
         result.seconds = time.perf_counter() - started
         return result
 
+    def _eval_bar(self, total: int, desc: str):
+        """A second progress bar, under the training bar, for an evaluation (gone when it ends)."""
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, position=1, unit="batch", dynamic_ncols=True,
+                    disable=not (self.progress and self.dist.is_main))
+
+    def _exact_val_batches(self) -> int:
+        windows = (len(self.data.val) - 1) // self.config.model.block_size
+        return -(-windows // self.t.batch_size) + 1  # and the tail
+
+    # -- the expected duration ----------------------------------------------------------------
+    def _say_expected_time(self, bar) -> None:
+        """Before the first evaluation, the run's expected wall time on this device, from a step
+        of the plain model timed now and undone (gradients dropped, RNG states restored)."""
+        bar.set_description("train (timing a step)")
+        state = rng_state()
+        try:
+            step_s, evaluation_batch_s = time_a_step(self.model, self.data.train, self.config, self.device,
+                                                     self.dtype)
+        finally:
+            set_rng_state(state)
+            bar.set_description("train")
+        for line in expected_time_lines(self.config, self.step, self.device, step_s, evaluation_batch_s,
+                                        self._exact_val_batches()):
+            self._say(line)
+
     def _evaluate(self, lr: float, bar) -> bool:
         """Estimate train/val loss, log them, and track the best; True if val loss improved."""
-        losses = self.estimate_loss()
+        bar.set_description("train (evaluating)")
+        try:
+            losses = self.estimate_loss(progress=self._eval_bar(2 * self.t.eval_iters, f"eval at step {self.step}"))
+        finally:
+            bar.set_description("train")
         improved = self.best_val_loss is None or losses["val"] < self.best_val_loss
         if improved and self.step > 0:
             self.best_val_loss = losses["val"]

@@ -133,6 +133,7 @@ class DataConfig:
     bpe_train_bytes: Optional[int] = None  # learn BPE merges from the first N bytes only; None: all
     val_fraction: float = 0.1
     cache_dir: str = "data/cache"
+    text_field: str = "text"  # the field holding the text in .jsonl / .parquet files at data.path
 
 
 @dataclass

@@ -75,9 +75,11 @@ def too_few_steps_note(steps: int, seconds: float, budget: float) -> Optional[st
     """Why the sample will be noise when the time budget allowed only a few steps, and what to do."""
     if steps >= ENOUGH_STEPS or steps >= MAX_ITERS:
         return None
-    per_step = seconds / max(steps, 1)
-    needed = 60 * math.ceil(ENOUGH_STEPS * per_step * 1.1 / 60)  # a margin for evaluation and saving
-    return (f"note: only {steps} training steps fit in {budget:.0f} s here ({per_step:.1f} s a step: this machine is "
+    # The budget, not the run's whole time: the final evaluation and saving come after it.
+    per_step = min(seconds, budget) / max(steps, 1)
+    needed = 60 * math.ceil(ENOUGH_STEPS * per_step * 1.1 / 60)  # a margin for the evaluations
+    return (f"note: only {steps} training step{'s' if steps != 1 else ''} fit in {budget:.0f} s here "
+            f"({per_step:.1f} s a step: this machine is "
             f"slow or busy), too few to learn the text (a few hundred are needed), so the sample below will be "
             f"mostly noise. Train longer: python -m mini_transformer.demo --seconds {needed}"
             f" (make demo DEMO_SECONDS={needed}), or run it when the machine is idle.")

@@ -30,9 +30,9 @@ test-fast: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests
 
-# make demo DATA=path/to/text.txt trains on that text instead.
+# make demo DATA=path/to/text.txt trains on that text instead; DEMO_SECONDS=600 trains longer.
 demo: $(STAMP)
-	$(PY) -m mini_transformer.demo $(if $(DATA),--input "$(DATA)")
+	$(PY) -m mini_transformer.demo $(if $(DATA),--input "$(DATA)") $(if $(DEMO_SECONDS),--seconds $(DEMO_SECONDS))
 
 bench: $(STAMP)
 	$(VENV)/bin/mini-transformer bench

@@ -1,6 +1,7 @@
 """Benchmarks that print tables: training and generation speed, memory, MFU, and the HF peer.
 
-Every speed is the median of several timed repetitions after warm-up. MFU is the model's FLOPs
+Every speed is the median of several timed repetitions after warm-up, shown with the slowest
+and fastest of them: a wide range means the machine was busy and the figures are unsteady. MFU is the model's FLOPs
 per second over the throughput of a large matmul of the same dtype, measured on this machine at
 start-up (not the datasheet peak). Nothing here is a test: these functions return rows and the
 CLI prints them (``mini-transformer bench``).
@@ -32,6 +33,9 @@ from .profile import (
 from .training.flops import model_flops_utilization
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's characters: the setting of the model-size table
+# Fastest over slowest repetition above this: something else was using the machine. (On an idle
+# machine repetitions agree within ~10-20%; a shared one has shown 4x for the same row.)
+BUSY_SPREAD = 1.5
 
 
 @dataclass
@@ -80,12 +84,23 @@ def preset_model_config(preset: str, block_size: Optional[int], norm: Optional[s
 
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
     """Median wall time of ``fn`` over ``repeats`` runs, after ``warmup`` untimed runs."""
-    return interleaved_median_times([fn], repeats, warmup, device)[0]
+    return statistics.median(timed_runs(fn, repeats, warmup, device))
+
+
+def timed_runs(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> list[float]:
+    """Wall time of each of ``repeats`` runs of ``fn``, after ``warmup`` untimed runs."""
+    return interleaved_times([fn], repeats, warmup, device)[0]
 
 
 def interleaved_median_times(fns: list[Callable[[], Any]], repeats: int, warmup: int,
                              device: torch.device) -> list[float]:
-    """Median wall time of each function, timed in turn (A, B, A, B, ...) after warm-up.
+    """Median wall time of each function, timed in turn (see :func:`interleaved_times`)."""
+    return [statistics.median(t) for t in interleaved_times(fns, repeats, warmup, device)]
+
+
+def interleaved_times(fns: list[Callable[[], Any]], repeats: int, warmup: int,
+                      device: torch.device) -> list[list[float]]:
+    """Wall time of each run of each function, timed in turn (A, B, A, B, ...) after warm-up.
 
     Why interleave: on a shared machine the speed drifts over minutes, and timing all of A
     before all of B turns that drift into a false ratio; in turns, both see the same drift.
@@ -101,7 +116,12 @@ def interleaved_median_times(fns: list[Callable[[], Any]], repeats: int, warmup:
             fn()
             synchronize(device)
             fn_times.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def rates(units: float, seconds: list[float]) -> dict[str, float]:
+    """``units`` per second at the median, slowest and fastest of the timed runs."""
+    return {"median": units / statistics.median(seconds), "min": units / max(seconds), "max": units / min(seconds)}
 
 
 def training_step_fn(model: torch.nn.Module, batch: int, block: int, vocab: int, device: torch.device,
@@ -163,21 +183,25 @@ def bench_preset(preset: str, settings: BenchSettings) -> dict[str, Any]:
     steps = max(2, settings.steps // 2) if big else settings.steps
     step = training_step_fn(model, settings.batch_size, config.block_size, VOCAB_SIZE, device, dtype, _our_loss,
                             settings.compile)
-    seconds = median_time(step, steps, 1 if big else settings.warmup, device)
-    tokens_per_s = settings.batch_size * config.block_size / seconds
+    step_times = timed_runs(step, steps, 1 if big else settings.warmup, device)
+    seconds = statistics.median(step_times)
+    train = rates(settings.batch_size * config.block_size, step_times)
+    tokens_per_s = train["median"]
     matmul_rate = measure_matmul_flops(device, dtype)
     mfu = model_flops_utilization(flops_per_token(config)[1], tokens_per_s, matmul_rate)
 
     model.eval()
     gen_model = to_decode_layout(model.to(dtype) if dtype is not torch.float32 else model)
     prompt = list(range(1, settings.prompt_tokens + 1))
-    gen_seconds = median_time(our_generation_fn(gen_model, prompt, settings.gen_tokens,
-                                                compile_model=settings.compile), 3, 1, device)
+    generation = rates(settings.gen_tokens, timed_runs(
+        our_generation_fn(gen_model, prompt, settings.gen_tokens, compile_model=settings.compile), 3, 1, device))
     row = {
         "preset": preset, "params": params.total, "batch_size": settings.batch_size,
         "block_size": config.block_size, "dtype": dtype_name(dtype), "device": str(device),
-        "train_tokens_per_s": tokens_per_s, "train_step_s": seconds, "train_steps_timed": steps,
-        "generate_tokens_per_s": settings.gen_tokens / gen_seconds, "mfu": mfu, "matmul_flops_per_s": matmul_rate,
+        "train_tokens_per_s": tokens_per_s, "train_tokens_per_s_min": train["min"],
+        "train_tokens_per_s_max": train["max"], "train_step_s": seconds, "train_steps_timed": steps,
+        "generate_tokens_per_s": generation["median"], "generate_tokens_per_s_min": generation["min"],
+        "generate_tokens_per_s_max": generation["max"], "mfu": mfu, "matmul_flops_per_s": matmul_rate,
     }
     if settings.memory:
         full = Config()
@@ -191,16 +215,48 @@ def bench_preset(preset: str, settings: BenchSettings) -> dict[str, Any]:
     return row
 
 
+BENCH_HEADER = [
+    "| preset | parameters | peak memory (train step) | with grad. checkpointing "
+    "| train tokens/s, median (slowest-fastest) | MFU (vs measured matmul) "
+    "| generate tokens/s (batch 1, KV-cache), median (slowest-fastest) |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+]
+
+
 def bench_table(rows: list[dict[str, Any]]) -> str:
-    header = ("| preset | parameters | peak memory (train step) | with grad. checkpointing | train tokens/s "
-              "| MFU (vs measured matmul) | generate tokens/s (batch 1, KV-cache) |")
-    lines = [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        mem = human_bytes(r["peak_memory_bytes"]) if "peak_memory_bytes" in r else "-"
-        ckpt = human_bytes(r["peak_memory_checkpointed_bytes"]) if "peak_memory_checkpointed_bytes" in r else "-"
-        lines.append(f"| {r['preset']} | {r['params'] / 1e6:.2f}M | {mem} | {ckpt} | "
-                     f"{r['train_tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['generate_tokens_per_s']:,.0f} |")
-    return "\n".join(lines)
+    return "\n".join([*BENCH_HEADER, *(bench_row(r) for r in rows)])
+
+
+def bench_row(r: dict[str, Any]) -> str:
+    """One row of the model-size table: printed as soon as its preset is measured."""
+    mem = human_bytes(r["peak_memory_bytes"]) if "peak_memory_bytes" in r else "-"
+    ckpt = human_bytes(r["peak_memory_checkpointed_bytes"]) if "peak_memory_checkpointed_bytes" in r else "-"
+    return (f"| {r['preset']} | {r['params'] / 1e6:.2f}M | {mem} | {ckpt} | {_rate_cell(r, 'train_tokens_per_s')} "
+            f"| {r['mfu']:.1%} | {_rate_cell(r, 'generate_tokens_per_s')} |")
+
+
+def _rate_cell(row: dict[str, Any], key: str) -> str:
+    if f"{key}_min" not in row:
+        return f"{row[key]:,.0f}"
+    return f"{row[key]:,.0f} ({row[f'{key}_min']:,.0f}-{row[f'{key}_max']:,.0f})"
+
+
+def spread(row: dict[str, Any], key: str) -> float:
+    """Fastest over slowest timed run of ``row[key]`` (1.0 when the row has no range)."""
+    low, high = row.get(f"{key}_min"), row.get(f"{key}_max")
+    return high / low if low and high else 1.0
+
+
+def busy_note(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("train_tokens_per_s", "generate_tokens_per_s"),
+              name: Callable[[dict[str, Any]], str] = lambda r: r["preset"]) -> Optional[str]:
+    """A warning when a row's timed runs differ by more than :data:`BUSY_SPREAD`, else None."""
+    wide = {name(r): max(spread(r, key) for key in keys) for r in rows}
+    wide = {name: s for name, s in wide.items() if s > BUSY_SPREAD}
+    if not wide:
+        return None
+    return (f"note: the timed runs of {', '.join(dict.fromkeys(wide))} differ by up to {max(wide.values()):.1f}x "
+            "(slowest to fastest): the machine was busy while measuring, so these figures are unsteady; "
+            "rerun when it is idle (or with more --steps)")
 
 
 def mfu_note(rows: list[dict[str, Any]]) -> str:
@@ -255,7 +311,9 @@ def compare_with_hf(preset: str, dtype_spec: str, batch_size: int = 32, block_si
                                  compile_model)
     peer_step = training_step_fn(peer, batch_size, config.block_size, VOCAB_SIZE, device, dtype, _hf_loss,
                                  fused_adamw=False)
-    ours_train, peer_train = interleaved_median_times([ours_step, peer_step], steps, warmup, device)
+    tokens = batch_size * config.block_size
+    ours_train, peer_train = (rates(tokens, t) for t in interleaved_times([ours_step, peer_step], steps, warmup,
+                                                                         device))
 
     prompt = list(range(1, prompt_tokens + 1))
     for model in (ours, peer):
@@ -273,29 +331,43 @@ def compare_with_hf(preset: str, dtype_spec: str, batch_size: int = 32, block_si
         assert out.shape[1] == prompt_tokens + gen_tokens
 
     ours_generate = our_generation_fn(ours, prompt, gen_tokens, compile_model=compile_model)
-    ours_gen, peer_gen = interleaved_median_times([ours_generate, peer_generate], 5, 1, device)
-    tokens = batch_size * config.block_size
-    return {
-        "preset": preset, "dtype": dtype_name(dtype), "device": str(device), "batch_size": batch_size,
-        "block_size": config.block_size,
-        "ours_train_tokens_per_s": tokens / ours_train, "peer_train_tokens_per_s": tokens / peer_train,
-        "train_ratio": peer_train / ours_train,
-        "ours_generate_tokens_per_s": gen_tokens / ours_gen, "peer_generate_tokens_per_s": gen_tokens / peer_gen,
-        "generate_ratio": peer_gen / ours_gen,
-    }
+    ours_gen, peer_gen = (rates(gen_tokens, t) for t in interleaved_times([ours_generate, peer_generate], 5, 1,
+                                                                          device))
+    row = {"preset": preset, "dtype": dtype_name(dtype), "device": str(device), "batch_size": batch_size,
+           "block_size": config.block_size}
+    for key, measured in (("ours_train_tokens_per_s", ours_train), ("peer_train_tokens_per_s", peer_train),
+                          ("ours_generate_tokens_per_s", ours_gen), ("peer_generate_tokens_per_s", peer_gen)):
+        row.update({key: measured["median"], f"{key}_min": measured["min"], f"{key}_max": measured["max"]})
+    row["train_ratio"] = ours_train["median"] / peer_train["median"]
+    row["generate_ratio"] = ours_gen["median"] / peer_gen["median"]
+    return row
+
+
+COMPARE_SPEEDS = ("ours_train_tokens_per_s", "peer_train_tokens_per_s", "ours_generate_tokens_per_s",
+                  "peer_generate_tokens_per_s")
+
+
+def compare_busy_note(rows: list[dict[str, Any]]) -> Optional[str]:
+    return busy_note(rows, COMPARE_SPEEDS, name=lambda r: f"{r['preset']} {r['dtype']}")
+
+
+COMPARE_HEADER = [
+    "| preset | dtype | batch x block | train tok/s, ours | train tok/s, HF Llama | ratio "
+    "| generate tok/s, ours | generate tok/s, HF Llama | ratio |",
+    "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+]
 
 
 def compare_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| preset | dtype | batch x block | train tok/s, ours | train tok/s, HF Llama | ratio "
-             "| generate tok/s, ours | generate tok/s, HF Llama | ratio |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        lines.append(
-            f"| {r['preset']} | {r['dtype']} | {r['batch_size']} x {r['block_size']} | "
+    return "\n".join([*COMPARE_HEADER, *(compare_row(r) for r in rows)])
+
+
+def compare_row(r: dict[str, Any]) -> str:
+    """One row of the side-by-side table (speeds are medians; see :func:`compare_busy_note`)."""
+    return (f"| {r['preset']} | {r['dtype']} | {r['batch_size']} x {r['block_size']} | "
             f"{r['ours_train_tokens_per_s']:,.0f} | {r['peer_train_tokens_per_s']:,.0f} | {r['train_ratio']:.2f}x | "
             f"{r['ours_generate_tokens_per_s']:,.0f} | {r['peer_generate_tokens_per_s']:,.0f} | "
             f"{r['generate_ratio']:.2f}x |")
-    return "\n".join(lines)
 
 
 def write_results(out_dir: Path, name: str, markdown: str, rows: list[dict[str, Any]], machine: str) -> None:

@@ -196,6 +196,8 @@ class DataConfig:
     """The last fraction of the tokens, held out for validation."""
     cache_dir: str = "data/cache"
     """Where prepared token files are cached, keyed by the text's content and the tokenizer."""
+    text_field: str = "text"
+    """The field that holds the text in .jsonl and .parquet files at path."""
 
 
 @dataclass

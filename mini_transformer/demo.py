@@ -1,5 +1,8 @@
 """``make demo``: prepare data, train the tiny preset on the CPU for about two minutes, stream a sample.
 
+On a slow or busy machine two minutes may give only a few steps; the demo then says the
+sample will be noise and how long to train instead (``--seconds``).
+
 The data is the file given with ``--input`` (``make demo DATA=file.txt``), else
 ``data/input.txt`` if it exists, else Tiny Shakespeare if it can be downloaded, else this
 Python's own standard library (no network needed). Run as ``python -m mini_transformer.demo``.
@@ -8,6 +11,7 @@ Python's own standard library (no network needed). Run as ``python -m mini_trans
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import shutil
@@ -24,6 +28,10 @@ from .errors import UserError
 
 OUT_DIR = "out-demo"
 TIME_BUDGET_S = 120.0  # training stops here at the latest, then evaluates and saves
+MAX_ITERS = 1200  # the whole run on an idle machine of a few cores
+# Below this many steps the tiny model has barely left its random start: its samples are
+# noise (random letters and punctuation) rather than word-like text.
+ENOUGH_STEPS = 300
 
 
 def choose_data(input_path: Optional[str] = None) -> tuple[list[str], str, str]:
@@ -53,15 +61,33 @@ def main(argv: Optional[list[str]] = None) -> int:
                "  python -m mini_transformer.demo --input my_text.txt",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", metavar="FILE", help="train on this text file (default: see above)")
+    parser.add_argument("--seconds", type=float, default=TIME_BUDGET_S, metavar="S",
+                        help=f"train for at most S seconds (default {TIME_BUDGET_S:.0f}; more on a slow or busy machine)")
     args = parser.parse_args(argv)
     try:
-        return run(args.input)
+        if not args.seconds > 0:
+            raise UserError(f"--seconds must be positive, got {args.seconds:g}; {TIME_BUDGET_S:.0f} is the default")
+        return run(args.input, args.seconds)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def run(input_path: Optional[str]) -> int:
+def too_few_steps_note(steps: int, seconds: float, budget: float) -> Optional[str]:
+    """Why the sample will be noise when the time budget allowed only a few steps, and what to do."""
+    if steps >= ENOUGH_STEPS or steps >= MAX_ITERS:
+        return None
+    # The budget, not the run's whole time: the final evaluation and saving come after it.
+    per_step = min(seconds, budget) / max(steps, 1)
+    needed = 60 * math.ceil(ENOUGH_STEPS * per_step * 1.1 / 60)  # a margin for the evaluations
+    return (f"note: only {steps} training step{'s' if steps != 1 else ''} fit in {budget:.0f} s here "
+            f"({per_step:.1f} s a step: this machine is "
+            f"slow or busy), too few to learn the text (a few hundred are needed), so the sample below will be "
+            f"mostly noise. Train longer: python -m mini_transformer.demo --seconds {needed}"
+            f" (make demo DEMO_SECONDS={needed}), or run it when the machine is idle.")
+
+
+def run(input_path: Optional[str], budget: float = TIME_BUDGET_S) -> int:
     from .checkpoint import load_for_inference
     from .generation import generate_stream, stream_text
     from .training import train
@@ -73,15 +99,18 @@ def run(input_path: Optional[str]) -> int:
     config = load_config(preset="tiny", overrides=[
         *data_overrides,
         "--model.dropout", "0.0",
-        "--training.batch_size", "16", "--training.max_iters", "1200", "--training.warmup_iters", "50",
+        "--training.batch_size", "16", "--training.max_iters", str(MAX_ITERS), "--training.warmup_iters", "50",
         "--training.learning_rate", "2e-3", "--training.min_lr", "2e-4", "--training.beta2", "0.99",
         "--training.eval_interval", "300", "--training.eval_iters", "20", "--training.log_interval", "20",
-        "--training.max_seconds", str(TIME_BUDGET_S), "--training.out_dir", OUT_DIR,
+        "--training.max_seconds", str(budget), "--training.out_dir", OUT_DIR,
     ])
     result = train(config)
     model, _, tokenizer = load_for_inference(OUT_DIR)
     print(f"\ntrained {result.step} steps in {result.seconds:.0f} s; "
-          f"val loss {result.final_val_loss:.3f}. A sample (temperature 0.8, top-k 50):\n")
+          f"val loss {result.final_val_loss:.3f}.", flush=True)
+    if note := too_few_steps_note(result.step, result.seconds, budget):
+        print(note, file=sys.stderr, flush=True)
+    print("A sample (temperature 0.8, top-k 50):\n")
     print(prompt, end="", flush=True)
     tokens = generate_stream(model, tokenizer.encode(prompt), max_new_tokens=300, temperature=0.8,
                              top_k=50, seed=1337)

@@ -13,10 +13,11 @@ from typing import Optional
 import numpy as np
 
 from .atomic import atomic_write
-from .errors import UserError
+from .errors import SettingError, UserError
 from .training.metrics import read_metrics
 
 MAX_LABELLED_TOKENS = 48  # beyond this, tick labels are unreadable; the axes stay unlabelled
+MAX_LABEL_CHARS = 10  # a longer token label is cut (with an ellipsis) to fit the figure's margin
 
 
 def pyplot():
@@ -85,47 +86,88 @@ def _save_png(fig, path: Path) -> None:
 
 # -- attention maps ---------------------------------------------------------------------------
 
-def plot_attention_file(npz_path: str | Path, png_path: Optional[str | Path] = None) -> Path:
-    """Draw the ``.npz`` written by :func:`mini_transformer.generation.save_attention` as a PNG grid.
+HEADS_PER_ROW = 4  # a layer's heads in rows of four: each panel stays large enough to read
 
-    The PNG goes next to the ``.npz`` (same name) unless ``png_path`` says otherwise; returns its path.
+
+def plot_attention_file(npz_path: str | Path, out_dir: Optional[str | Path] = None, layer: Optional[int] = None,
+                        head: Optional[int] = None) -> list[Path]:
+    """Draw the ``.npz`` written by :func:`mini_transformer.generation.save_attention` as PNGs.
+
+    One figure per layer, ``<name>-layer<L>.png`` next to the ``.npz`` (or in ``out_dir``),
+    with that layer's heads; ``layer`` and ``head`` draw only that layer or that head
+    (``<name>-layer<L>-head<H>.png``). Returns the paths written.
     """
     npz_path = Path(npz_path)
     with np.load(npz_path, allow_pickle=False) as data:
         weights, labels = data["attention"], [str(s) for s in data["labels"]]
-    png = Path(png_path) if png_path is not None else npz_path.with_suffix(".png")
-    plot_attention(weights, labels, png)
-    return png
+    n_layers, n_heads = weights.shape[:2]
+    layers = [_check_index("attention_layer", layer, n_layers, "layers")] if layer is not None else range(n_layers)
+    heads = [_check_index("attention_head", head, n_heads, "heads per layer")] if head is not None else None
+    directory = Path(out_dir) if out_dir is not None else npz_path.parent
+    written = []
+    for index in layers:
+        suffix = f"-head{head}" if head is not None else ""
+        png = directory / f"{npz_path.stem}-layer{index}{suffix}.png"
+        plot_attention_layer(weights, labels, index, png, heads)
+        written.append(png)
+    return written
 
 
-def plot_attention(weights: np.ndarray, labels: Sequence[str], path: str | Path) -> None:
-    """A grid of heatmaps of ``weights`` (L, H, T, T): one row per layer, one column per head;
-    query down, key across. ``labels`` are the T tokens' display strings."""
+def _check_index(setting: str, value: int, count: int, what: str) -> int:
+    if not 0 <= value < count:
+        raise SettingError(f"{setting} {value} is out of range: the model has {count} {what} "
+                           f"(0 to {count - 1}); choose one of them", setting=setting)
+    return value
+
+
+def plot_attention_layer(weights: np.ndarray, labels: Sequence[str], layer: int, path: str | Path,
+                         heads: Optional[Sequence[int]] = None) -> None:
+    """Write :func:`attention_figure` as a PNG."""
     plt = pyplot()
-    n_layers, n_heads, T, _ = weights.shape
-    size = max(1.6, min(4.0, 0.12 * T))
-    fig, axes = plt.subplots(n_layers, n_heads, figsize=(size * n_heads, size * n_layers), squeeze=False)
-    ticks = [_printable(s) for s in labels] if T <= MAX_LABELLED_TOKENS else None
-    for layer in range(n_layers):
-        for head in range(n_heads):
-            ax = axes[layer][head]
-            ax.imshow(weights[layer, head], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-            ax.set_title(f"layer {layer} head {head}", fontsize=7)
-            if ticks is not None:
-                ax.set_xticks(range(T), ticks, fontsize=5, rotation=90)
-                ax.set_yticks(range(T), ticks, fontsize=5)
-            else:
-                ax.set_xticks([])
-                ax.set_yticks([])
-    fig.supxlabel("key (attended to)", fontsize=8)
-    fig.supylabel("query (attending)", fontsize=8)
-    fig.tight_layout()
+    fig = attention_figure(weights, labels, layer, heads)
     try:
-        atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
+        atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
 
 
+def attention_figure(weights: np.ndarray, labels: Sequence[str], layer: int, heads: Optional[Sequence[int]] = None):
+    """One layer of ``weights`` (L, H, T, T): a heatmap per head (all, or ``heads``), query down,
+    key across, with a colour bar for the weights. ``labels`` are the T tokens' display strings."""
+    plt = pyplot()
+    heads = list(range(weights.shape[1])) if heads is None else list(heads)
+    T = weights.shape[-1]
+    cols = min(len(heads), HEADS_PER_ROW)
+    rows = -(-len(heads) // cols)
+    # Inches per panel: room for T labels; one head alone gets a larger figure.
+    panel = max(3.0, min(10.0, 1.0 + 0.2 * T)) if len(heads) == 1 else max(3.0, min(7.0, 1.0 + 0.12 * T))
+    # Fixed margins in inches (labels are cut to MAX_LABEL_CHARS) instead of a layout engine,
+    # which measures every tick label several times: seconds per figure on a busy CPU.
+    gap, left, right, bottom, top = 0.7, 0.8, 1.3, 0.8, 0.8
+    width, height = left + cols * panel + (cols - 1) * gap + right, bottom + rows * panel + (rows - 1) * gap + top
+    fig = plt.figure(figsize=(width, height))
+    grid = fig.add_gridspec(rows, cols, left=left / width, right=1 - right / width, bottom=bottom / height,
+                            top=1 - top / height, wspace=gap / panel, hspace=gap / panel)
+    ticks = [_printable(s) for s in labels] if T <= MAX_LABELLED_TOKENS else None
+    font = max(4.5, min(9.0, 0.55 * panel * 72 / T))  # points: about half a row's height
+    image = None
+    for k, head in enumerate(heads):
+        ax = fig.add_subplot(grid[k // cols, k % cols])
+        image = ax.imshow(weights[layer, head], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(f"head {head}", fontsize=9)
+        if ticks is not None:
+            ax.set_xticks(range(T), ticks, fontsize=font, rotation=90)
+            ax.set_yticks(range(T), ticks, fontsize=font)
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    bar = fig.add_axes((1 - 0.85 / width, bottom / height, 0.2 / width, 1 - (bottom + top) / height))
+    fig.colorbar(image, cax=bar, label="attention weight (each row sums to 1)")
+    fig.suptitle(f"layer {layer}: query (row) attends to key (column)", fontsize=11, y=1 - 0.3 / height)
+    return fig
+
+
 def _printable(text: str) -> str:
     """Token labels with whitespace made visible (a newline would break the axis)."""
-    return text.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "\u2423") or "\u2205"
+    shown = text.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "\u2423") or "\u2205"
+    return shown if len(shown) <= MAX_LABEL_CHARS else shown[:MAX_LABEL_CHARS - 1] + "\u2026"

@@ -249,7 +249,7 @@ def test_without_the_script_the_demo_prints_python_dash_m(monkeypatch, tmp_path)
 
 # Files an example may name without creating them: the user's own text, where config.yaml's
 # data.path and the README's Quick start put it.
-USERS_TEXT = {"data/input.txt", "data/", "data"}
+USERS_TEXT = {"data/input.txt", "data/input.jsonl", "data/", "data"}  # the user's own text
 USED_FLAGS = ("--config", "--checkpoint", "--draft_checkpoint", "--adapter", "--prompts_file", "--data.path", "--hf")
 MADE_FLAGS = ("--out", "--training.out_dir", "--attention_dir")
 

@@ -626,7 +626,7 @@ def test_attention_npz_and_png_are_written_with_the_right_shapes(model, tmp_path
     from mini_transformer.plot import plot_attention_file  # the PNG is drawn outside generation
 
     npz = save_attention(model, ids, tmp_path / "att", labels=labels)
-    png = plot_attention_file(npz)
+    pngs = plot_attention_file(npz)
     data = np.load(npz)
     T = model.config.block_size  # cropped to the context
     assert data["attention"].shape == (model.config.n_layers, model.config.n_heads, T, T)
@@ -634,4 +634,31 @@ def test_attention_npz_and_png_are_written_with_the_right_shapes(model, tmp_path
     assert data["labels"].tolist() == labels[-T:]
     np.testing.assert_allclose(data["attention"].sum(-1), 1.0, atol=1e-5)  # rows are distributions
     assert np.allclose(np.triu(data["attention"][0, 0], 1), 0)  # causal
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in pngs] == [f"attention-layer{i}.png" for i in range(model.config.n_layers)]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_attention_figure_shows_one_layer_with_a_colour_bar(tmp_path):
+    pytest.importorskip("matplotlib")
+    from mini_transformer.plot import attention_figure, pyplot
+
+    weights = np.random.default_rng(0).dirichlet(np.ones(6), size=(3, 8, 6)).astype(np.float32)  # (L, H, T, T)
+    labels = ["a", " ", "\n", "bc", "d", "a_very_long_token"]
+    fig = attention_figure(weights, labels, layer=1)
+    try:
+        heatmaps = [ax for ax in fig.axes if ax.images]
+        assert [ax.get_title() for ax in heatmaps] == [f"head {h}" for h in range(8)]
+        colour_bars = [ax for ax in fig.axes if not ax.images]
+        assert len(colour_bars) == 1 and "attention weight" in colour_bars[0].get_ylabel()
+        assert colour_bars[0].get_ylim() == (0.0, 1.0)
+        np.testing.assert_array_equal(heatmaps[5].images[0].get_array(), weights[1, 5])
+        assert ([t.get_text() for t in heatmaps[0].get_xticklabels()]
+                == ["a", "\u2423", "\\n", "bc", "d", "a_very_lo\u2026"])
+    finally:
+        pyplot().close(fig)
+    single = attention_figure(weights, labels, layer=2, heads=[7])
+    try:
+        assert [ax.get_title() for ax in single.axes if ax.images] == ["head 7"]
+        np.testing.assert_array_equal(single.axes[0].images[0].get_array(), weights[2, 7])
+    finally:
+        pyplot().close(single)

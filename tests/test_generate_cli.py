@@ -137,7 +137,22 @@ def test_log_attention_writes_npz_and_png(run_cli, ckpt, tmp_path):
     assert status == 0, err
     data = np.load(out_dir / "attention.npz")
     assert data["attention"].shape == (2, 4, 11, 11)
-    assert (out_dir / "attention.png").stat().st_size > 0
+    assert sorted(p.name for p in out_dir.glob("*.png")) == ["attention-layer0.png", "attention-layer1.png"]
+    assert "one PNG per layer" in err
+
+
+def test_attention_layer_and_head_draw_one_map_and_are_checked(run_cli, ckpt, tmp_path):
+    pytest.importorskip("matplotlib")
+    out_dir = tmp_path / "att"
+    common = ("--prompt", "hello", "--max_tokens", "3", "--log_attention", "--attention_dir", str(out_dir))
+    status, _, err = gen(run_cli, ckpt, *common, "--attention_layer", "1", "--attention_head", "3")
+    assert status == 0, err
+    assert [p.name for p in out_dir.glob("*.png")] == ["attention-layer1-head3.png"]
+    status, _, err = gen(run_cli, ckpt, *common, "--attention_layer", "2")
+    assert status == 2 and err.count("\n") == 1
+    assert "--attention_layer 2 is out of range: the model has 2 layers (0 to 1)" in err
+    status, _, err = gen(run_cli, ckpt, *common, "--attention_head", "-1")
+    assert status == 2 and "--attention_head must be >= 0" in err
 
 
 def test_speculative_with_a_draft_checkpoint_prints_acceptance(run_cli, ckpt, tmp_path):

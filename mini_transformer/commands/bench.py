@@ -52,7 +52,7 @@ def run(args, overrides: list[str]) -> int:
     import torch
 
     from .. import benchmark as bench
-    from ..device import resolve_device
+    from ..device import dtype_name, resolve_device, resolve_dtype
 
     out = Path(args.out)
     device = resolve_device(args.device)
@@ -65,30 +65,43 @@ def run(args, overrides: list[str]) -> int:
                                            dtype_spec=args.dtype, device_spec=args.device)
             print(f"\n{preset}: Chrome trace written to {trace} (open in chrome://tracing or Perfetto)\n{table}")
         return 0
+    # The table's header comes first and each row as soon as it is measured: a preset can take
+    # minutes, and the reader sees what is being measured from the start.
     if args.compare:
         dtypes = ["fp32", "bf16"] if args.dtype == "auto" else [args.dtype]
+        print(f"ours vs Hugging Face LlamaForCausalLM (same dimensions, sdpa, {torch.get_num_threads()} threads); "
+              "ratio = our speed / peer speed; speeds are medians of the timed runs\n")
+        print("\n".join(bench.COMPARE_HEADER), flush=True)
         rows = []
         for preset in args.presets or ["tiny", "small"]:
             for dtype in dtypes:
                 rows.append(bench.compare_with_hf(preset, dtype, args.batch_size, args.block_size, args.device,
                                                   args.steps, gen_tokens=args.gen_tokens,
                                                   compile_model=args.compile))
-                print(bench.compare_table(rows[-1:]).splitlines()[-1], flush=True)
-        table = bench.compare_table(rows)
-        print(f"\nours vs Hugging Face LlamaForCausalLM (same dimensions, sdpa, {torch.get_num_threads()} threads); "
-              f"ratio = our speed / peer speed\n\n{table}")
-        bench.write_results(out, "compare_hf", table, rows, machine)
+                print(bench.compare_row(rows[-1]), flush=True)
+        finish(out, "compare_hf", bench.compare_table(rows), [bench.compare_busy_note(rows)], rows, machine)
         return 0
     settings = bench.BenchSettings(
         presets=args.presets or ["tiny", "small", "medium", "large"], batch_size=args.batch_size,
         block_size=args.block_size or 256, dtype=args.dtype, device=args.device, steps=args.steps,
         gen_tokens=args.gen_tokens, memory=args.memory, compile=args.compile)
+    print(f"batch {settings.batch_size}, block {settings.block_size}, "
+          f"dtype {dtype_name(resolve_dtype(settings.dtype, device))}, vocab {bench.VOCAB_SIZE}; "
+          f"speeds are the median of the timed runs (the slowest-fastest run in brackets)\n")
+    print("\n".join(bench.BENCH_HEADER), flush=True)
     rows = []
     for preset in settings.presets:
         rows.append(bench.bench_preset(preset, settings))
-        print(bench.bench_table(rows[-1:]).splitlines()[-1], flush=True)
-    table = f"{bench.bench_table(rows)}\n\n{bench.mfu_note(rows)}"
-    print(f"\nbatch {settings.batch_size}, block {settings.block_size}, dtype {rows[0]['dtype']}, "
-          f"vocab {bench.VOCAB_SIZE}\n\n{table}")
-    bench.write_results(out, "bench", table, rows, machine)
+        print(bench.bench_row(rows[-1]), flush=True)
+    finish(out, "bench", bench.bench_table(rows), [bench.mfu_note(rows), bench.busy_note(rows)], rows, machine)
     return 0
+
+
+def finish(out: Path, name: str, table: str, notes: list[str | None], rows: list, machine: str) -> None:
+    """Print the notes under the table printed row by row; write the table and notes to ``out``."""
+    from .. import benchmark as bench
+
+    notes = [note for note in notes if note]
+    if notes:
+        print("\n" + "\n".join(notes), flush=True)
+    bench.write_results(out, name, "\n\n".join([table, *notes]), rows, machine)

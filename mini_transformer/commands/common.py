@@ -10,7 +10,7 @@ from ..errors import SettingError, UserError
 
 # The data-source settings as a training config spells them (prepare has flags of its own).
 DATA_FLAGS = {"input": "--data.path", "dataset": "--data.dataset", "tokenizer": "--data.tokenizer",
-              "vocab_size": "--data.bpe_vocab_size"}
+              "vocab_size": "--data.bpe_vocab_size", "text_field": "--data.text_field"}
 
 # Written with its line breaks: the commands' help keeps descriptions as they are written.
 OVERRIDES_HELP = """\

@@ -37,6 +37,7 @@ EXAMPLES = """\
   mini-transformer generate --checkpoint out-shakespeare-char-cpu --prompt "ROMEO:" --draft_checkpoint out-tiny \\
       --compare_plain                        # the draft: train's out-tiny example, same tokenizer
   mini-transformer generate --prompt "ROMEO:" --max_tokens 40 --log_attention   # maps in out/attention
+  mini-transformer generate --prompt "ROMEO:" --max_tokens 20 --log_attention --attention_layer 2 --attention_head 5
   mini-transformer generate --prompt "ROMEO:" --device cuda --dtype bf16 --compile
 
 interactive commands: /temp 0.8  /top_k 50  /top_p 0.9  /max_tokens 100  /reset  /help  /quit
@@ -95,13 +96,18 @@ def register(subparsers) -> None:
     extras.add_argument("--compare_plain", action="store_true",
                         help="with --draft_checkpoint: also time plain decoding and print the speedup")
     extras.add_argument("--log_attention", action="store_true",
-                        help="save every layer's and head's attention to .npz and a PNG grid")
+                        help="save every layer's and head's attention to .npz, and a PNG of each layer's heads")
     extras.add_argument("--attention_dir", default=ATTENTION_DIR, metavar="DIR",
                         help=f"where --log_attention writes (default: {ATTENTION_DIR})")
+    extras.add_argument("--attention_layer", type=int, metavar="L",
+                        help="with --log_attention: draw only layer L (0 is the first)")
+    extras.add_argument("--attention_head", type=int, metavar="H",
+                        help="with --log_attention: draw only head H (of each layer drawn), larger")
     parser.set_defaults(run=run, accepts_overrides=True)
     list_config_keys(parser, ("generation", "advanced"))
     add_setting_flags(parser, {**{name: f"--{name}" for name in SETTING_FLAGS},
-                               "group_size": "--advanced.quantize_group_size", "device": "--device"})
+                               "group_size": "--advanced.quantize_group_size", "device": "--device",
+                               "attention_layer": "--attention_layer", "attention_head": "--attention_head"})
 
 
 # -- flags and config ------------------------------------------------------------------------
@@ -119,6 +125,9 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"{' and '.join(chosen)} can't be combined; choose one")
     if args.gamma is not None and args.gamma <= 0:
         raise UserError(f"--gamma must be >= 1, got {args.gamma}; 4 is a good start")
+    for flag, value in (("--attention_layer", args.attention_layer), ("--attention_head", args.attention_head)):
+        if value is not None and value < 0:
+            raise UserError(f"{flag} must be >= 0 (0 is the first), got {value}")
     check_settings(flag_settings(args))
 
 
@@ -204,6 +213,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     log_attention = args.log_attention or advanced.log_attention
     if log_attention and (args.interactive or args.prompts_file):
         note("attention maps are logged for --prompt only")
+    if not log_attention and (args.attention_layer is not None or args.attention_head is not None):
+        note("--attention_layer and --attention_head choose what --log_attention draws; add --log_attention")
     if args.interactive:
         return interactive(session)
     if args.prompts_file:
@@ -214,7 +225,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         note(message)
     generated = print_samples(session, text, prompt, args.stream, args.compare_plain)
     if log_attention:
-        write_attention(session, generated, args.attention_dir)
+        write_attention(session, generated, args.attention_dir, args.attention_layer, args.attention_head)
     return 0
 
 
@@ -341,12 +352,14 @@ def print_batch(session: Session, texts: list[str], stream: bool) -> int:
     return 0
 
 
-def write_attention(session: Session, token_ids: list[int], out_dir: str) -> None:
+def write_attention(session: Session, token_ids: list[int], out_dir: str, layer: int | None = None,
+                    head: int | None = None) -> None:
     from ..plot import plot_attention_file
 
     npz = session.save_attention(token_ids, out_dir)
-    png = plot_attention_file(npz)
-    note(f"attention maps written to {npz} and {png}")
+    pngs = plot_attention_file(npz, layer=layer, head=head)
+    shown = str(pngs[0]) if len(pngs) == 1 else f"one PNG per layer, {pngs[0]} to {pngs[-1].name}"
+    note(f"attention weights written to {npz}; drawn in {shown}")
 
 
 # -- interactive ------------------------------------------------------------------------------

@@ -15,11 +15,13 @@ EXAMPLES = """\
   mini-transformer prepare --input data/input.txt --tokenizer bpe --vocab_size 2048 --out data/input_bpe
   mini-transformer prepare --input data/ --tokenizer byte --out data/all_byte    # every *.txt in data/
   mini-transformer prepare --input 'docs/**/*.md' README.md --out data/docs
+  mini-transformer prepare --input data/input.jsonl --text_field body --tokenizer bpe --out data/input_jsonl  # or .parquet
   cat README.md docs/*.md | mini-transformer prepare --input - --out data/stdin_char
   mini-transformer prepare --dataset pystdlib --tokenizer bpe --out data/pystdlib_bpe
   mini-transformer prepare --dataset shakespeare --out data/shakespeare_char --block_size 256
 
-Several inputs are joined with a blank line ("\\n\\n") between them. The last --val_fraction of
+Several inputs are joined with a blank line ("\\n\\n") between them. The records of a .jsonl or
+.parquet file are documents, separated by the end-of-text token (a blank line for char). The last --val_fraction of
 the tokens (the end of the text) becomes val.bin. Train with --data.path OUT_DIR.
 """
 
@@ -32,10 +34,13 @@ def register(subparsers) -> None:
         examples=EXAMPLES)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", metavar="PATH",
-                        help="text file(s), a directory (its *.txt files), a quoted glob, or - for stdin")
+                        help="text file(s), a directory (its *.txt files), a quoted glob, - for stdin, "
+                             "or JSON Lines (.jsonl) / Parquet (.parquet) files of documents")
     source.add_argument("--dataset", metavar="NAME",
                         help="a named corpus: shakespeare (downloaded once) or pystdlib (this Python's "
                              "standard library sources, no network needed)")
+    parser.add_argument("--text_field", default="text", metavar="FIELD",
+                        help="the field (column) holding the text in .jsonl and .parquet inputs (default: text)")
     parser.add_argument("--tokenizer", choices=["char", "byte", "bpe", "gpt2"], default="char",
                         help="char: characters of the text; byte: 256 bytes + <|endoftext|>; bpe: byte-level "
                              "BPE trained on the text; gpt2: GPT-2's BPE via tiktoken (default: char)")
@@ -57,7 +62,7 @@ def register(subparsers) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
     add_setting_flags(parser, {"input": "--input", "dataset": "--dataset", "tokenizer": "--tokenizer",
-                               "vocab_size": "--vocab_size"})
+                               "vocab_size": "--vocab_size", "text_field": "--text_field"})
 
 
 def _default_out(args) -> Path:
@@ -89,7 +94,7 @@ def run(args, overrides: list[str]) -> int:
     if args.dataset:
         data = write_prepared(dataset_sources(args.dataset, args.cache_dir), out, **options)
     else:
-        data = prepare_inputs(args.input, out, **options)
+        data = prepare_inputs(args.input, out, text_field=args.text_field, **options)
     if args.block_size is not None:
         check_split_lengths(data, args.block_size)
     print(summary(data))

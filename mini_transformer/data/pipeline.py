@@ -11,6 +11,12 @@ The split: the token stream of the whole corpus is cut once; the first ``1 - val
 the tokens is ``train.bin`` and the last ``val_fraction`` is ``val.bin`` (the end of the text is
 validation, like nanoGPT). ``n_train = int(n * (1 - val_fraction))``.
 
+Documents: the records of a JSON Lines or Parquet input (see :mod:`.documents`) are separated
+by the tokenizer's end-of-text token (``<|endoftext|>`` for byte, bpe and gpt2), which also
+stands between such a file and its neighbours; a tokenizer without one (char) gets a blank line
+(``"\\n\\n"``), as between text files. So a model learns where a document ends, and
+generation from an empty prompt (which starts at end-of-text) begins a fresh document.
+
 Token files are flat ``uint16`` arrays when the vocabulary fits (<= 65536 ids), else ``uint32``,
 read back as numpy memmaps. Every file is written to a temporary name and renamed, and
 ``meta.json`` is written last: a directory with ``meta.json`` is complete.
@@ -39,9 +45,9 @@ from ..config import DataConfig
 from ..errors import UserError
 from ..tokenizer import (BPETokenizer, ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
                          check_kind, load_tokenizer)
-from .sources import (DEFAULT_CHUNK_SIZE, SEPARATOR, Source, any_cut, bpe_safe_cut, cached_sha256,
-                      dataset_sources, expand_input, iter_corpus_bytes, iter_corpus_text, iter_pieces,
-                      open_inputs)
+from .sources import (DEFAULT_CHUNK_SIZE, DOCUMENT_BREAK, SEPARATOR, Source, any_cut, bpe_safe_cut,
+                      cached_sha256, dataset_sources, expand_input, iter_corpus_bytes, iter_corpus_text,
+                      iter_pieces, open_inputs)
 
 META_FILE = "meta.json"
 FORMAT = "mini-transformer-data"
@@ -110,10 +116,12 @@ def build_tokenizer(kind: str, sources: list[Source], *, vocab_size: int = 2048,
     if train_bytes is not None:
         total = min(total, train_bytes)
     with _progress(total, f"training BPE ({vocab_size})", progress) as on_bytes:
-        # Small pieces: the trainer buffers a few hundred items of its iterator.
-        pieces = iter_pieces(iter_corpus_text(sources, chunk_size, on_bytes),
+        # Small pieces: the trainer buffers a few hundred items of its iterator. No merge
+        # crosses a document break (where the end-of-text token will be).
+        pieces = iter_pieces(iter_corpus_text(sources, chunk_size, on_bytes, document_break=DOCUMENT_BREAK),
                              max(1, chunk_size // PIECES_PER_BATCH), bpe_safe_cut)
-        return BPETokenizer.train(_take_bytes(pieces, train_bytes), vocab_size)
+        texts = (piece for piece in pieces if piece is not DOCUMENT_BREAK)
+        return BPETokenizer.train(_take_bytes(texts, train_bytes), vocab_size)
 
 
 def _take_bytes(pieces: Iterator[str], limit: Optional[int]) -> Iterator[str]:
@@ -137,17 +145,31 @@ def _take_bytes(pieces: Iterator[str], limit: Optional[int]) -> Iterator[str]:
 
 # -- encoding ----------------------------------------------------------------------------------
 
+def document_separator(tokenizer: Tokenizer) -> str:
+    """What separates documents (see the module's docstring), as meta.json records it."""
+    return tokenizer.decode([tokenizer.eos_id]) if tokenizer.eos_id is not None else SEPARATOR
+
+
 def _iter_token_arrays(tokenizer: Tokenizer, sources: list[Source], chunk_size: int, on_bytes,
                        hashers: list) -> Iterator[np.ndarray]:
     """The corpus as a stream of int64 id arrays (the same ids whatever ``chunk_size`` is)."""
+    eos = np.array([tokenizer.eos_id if tokenizer.eos_id is not None else -1], dtype=np.int64)
+    document_break = DOCUMENT_BREAK if tokenizer.eos_id is not None else SEPARATOR
     if isinstance(tokenizer, ByteTokenizer):  # raw bytes: any file, UTF-8 or not
-        for block in iter_corpus_bytes(sources, chunk_size, on_bytes, hashers):
-            yield tokenizer.encode_bytes(block)
+        for block in iter_corpus_bytes(sources, chunk_size, on_bytes, hashers, document_break):
+            yield eos if block is DOCUMENT_BREAK else tokenizer.encode_bytes(block)
         return
     safe_cut = any_cut if isinstance(tokenizer, CharTokenizer) else bpe_safe_cut
     piece_size = max(1, chunk_size // PIECES_PER_BATCH)
     batch: list[str] = []
-    for piece in iter_pieces(iter_corpus_text(sources, chunk_size, on_bytes, hashers), piece_size, safe_cut):
+    texts = iter_corpus_text(sources, chunk_size, on_bytes, hashers, document_break)
+    for piece in iter_pieces(texts, piece_size, safe_cut):
+        if piece is DOCUMENT_BREAK:
+            if batch:
+                yield tokenizer.encode_to_array(batch)
+                batch = []
+            yield eos
+            continue
         batch.append(piece)
         if len(batch) == PIECES_PER_BATCH:
             yield tokenizer.encode_to_array(batch)
@@ -228,6 +250,7 @@ def write_prepared(sources: list[Source], out_dir: str | os.PathLike, *, tokeniz
         "bpe_vocab_size": vocab_size if tok.kind == "bpe" else None,
         "bpe_train_bytes": train_bytes if tok.kind == "bpe" else None,
         "separator": SEPARATOR,
+        **_documents_meta(sources, tok),
         "sources": [{"name": s.name, "bytes": s.size, "sha256": d} for s, d in zip(sources, digests)],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **(extra_meta or {}),
@@ -235,6 +258,13 @@ def write_prepared(sources: list[Source], out_dir: str | os.PathLike, *, tokeniz
     atomic_write_text(out / META_FILE, json.dumps(meta, ensure_ascii=False, indent=1) + "\n")
     fsync_dir(out)
     return load_prepared(out)
+
+
+def _documents_meta(sources: list[Source], tokenizer: Tokenizer) -> dict[str, Any]:
+    """How JSON Lines / Parquet documents were read and joined (nothing for text files alone)."""
+    if not any(s.has_documents for s in sources):
+        return {}
+    return {"text_field": sources[0].text_field, "document_separator": document_separator(tokenizer)}
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -286,7 +316,7 @@ def _config_sources(data: DataConfig) -> tuple[list[Source], str]:
     if not data.path:
         raise UserError("no training data: set data.path to a text file (or a prepared directory), "
                         "or data.dataset to shakespeare or pystdlib")
-    sources = expand_input(data.path)
+    sources = expand_input(data.path, data.text_field)
     for src in sources:
         if src.size == 0:
             raise UserError(f"input file {src.name!r} is empty; put text in it or set data.path to another file")
@@ -354,6 +384,8 @@ def _prepare_dataset(data: DataConfig, tokenizer: Optional[Tokenizer], progress:
         if data.tokenizer == "bpe":
             settings["bpe_vocab_size"] = data.bpe_vocab_size
             settings["bpe_train_bytes"] = data.bpe_train_bytes
+    if any(s.has_documents for s in sources):  # the field read decides the text (text files alone: no key change)
+        settings["text_field"] = data.text_field
     key = cache_key(digests, settings, data.val_fraction)
     kind = settings["kind"]
     final = cache / f"{name}-{kind}-{key[:16]}"
@@ -371,7 +403,9 @@ def _prepare_dataset(data: DataConfig, tokenizer: Optional[Tokenizer], progress:
     return load_prepared(final)
 
 
-def prepare_inputs(inputs: list[str], out_dir: str | os.PathLike, **kwargs: Any) -> PreparedData:
-    """Input paths (files, directories, globs, or ``-`` for standard input) prepared into ``out_dir``."""
-    with open_inputs(inputs) as sources:
+def prepare_inputs(inputs: list[str], out_dir: str | os.PathLike, text_field: str = "text",
+                   **kwargs: Any) -> PreparedData:
+    """Input paths (files, directories, globs, or ``-`` for standard input) prepared into ``out_dir``;
+    ``text_field`` names the field holding the text in JSON Lines and Parquet files."""
+    with open_inputs(inputs, text_field) as sources:
         return write_prepared(sources, out_dir, **kwargs)

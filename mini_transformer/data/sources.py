@@ -3,6 +3,11 @@
 A corpus is an ordered list of :class:`Source` files, read as one stream of bytes with
 ``"\\n\\n"`` between files (a blank line, so one file's last paragraph never runs into the next
 file's first). Everything here streams in blocks, so a corpus larger than memory is fine.
+
+A JSON Lines or Parquet file (see :mod:`.documents`) is a list of documents rather than one
+text. Its documents, and its boundaries with neighbouring files, are separated by the
+``document_break`` the caller gives: :data:`DOCUMENT_BREAK` (a marker for the end-of-text
+token) or text such as ``"\\n\\n"``.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..atomic import atomic_write_bytes, atomic_write_text
 from ..errors import SettingError, UserError
+from .documents import document_format, iter_documents
 
 SEPARATOR = "\n\n"
 DEFAULT_CHUNK_SIZE = 1 << 20  # bytes read at a time, and the target size of an encoded piece
@@ -38,10 +44,26 @@ class Source:
 
     path: Path
     name: str
+    text_field: str = "text"  # which field of a JSON Lines or Parquet record holds the text
 
     @property
     def size(self) -> int:
         return self.path.stat().st_size
+
+    @property
+    def has_documents(self) -> bool:
+        """A JSON Lines or Parquet file (a list of documents), not a text file."""
+        return document_format(self.path) is not None
+
+
+class _DocumentBreak:
+    def __repr__(self) -> str:
+        return "DOCUMENT_BREAK"
+
+
+# In a text stream, the place between two documents where the end-of-text token goes (text
+# cannot carry it: the tokenizers encode "<|endoftext|>" in text as ordinary characters).
+DOCUMENT_BREAK: Any = _DocumentBreak()
 
 
 # -- resolving inputs ------------------------------------------------------------------------
@@ -51,8 +73,15 @@ OWN_TEXT = {"input": "FILE"}
 BUILT_IN_DATASET = {"dataset": "NAME"}
 
 
-def expand_input(spec: str) -> list[Source]:
-    """One input: a file, a directory (its ``*.txt`` files, recursively) or a glob."""
+def expand_input(spec: str, text_field: str = "text") -> list[Source]:
+    """One input: a file, a directory (its ``*.txt`` files, recursively) or a glob.
+
+    ``text_field`` is the field holding the text in JSON Lines and Parquet files.
+    """
+    return [Source(src.path, src.name, text_field) for src in _expand_input(spec)]
+
+
+def _expand_input(spec: str) -> list[Source]:
     if any(c in spec for c in GLOB_CHARS) and not Path(spec).exists():
         paths = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
         if not paths:
@@ -83,7 +112,7 @@ def check_not_empty(sources: list[Source]) -> None:
 
 
 @contextlib.contextmanager
-def open_inputs(specs: Iterable[str]) -> Iterator[list[Source]]:
+def open_inputs(specs: Iterable[str], text_field: str = "text") -> Iterator[list[Source]]:
     """Resolve inputs (see :func:`expand_input`) to sources; ``-`` (stdin) is spooled to a temporary file.
 
     Standard input is read once to disk because the char and BPE tokenizers need two passes.
@@ -99,7 +128,7 @@ def open_inputs(specs: Iterable[str]) -> Iterator[list[Source]]:
                     shutil.copyfileobj(sys.stdin.buffer, f, DEFAULT_CHUNK_SIZE)
                 sources.append(Source(Path(tmp), "<stdin>"))
             else:
-                sources.extend(expand_input(spec))
+                sources.extend(expand_input(spec, text_field))
         if not sources:
             raise SettingError("no input given; give text files (or a directory, a glob, or - for standard "
                                f"input), or use a built-in dataset: {' or '.join(DATASETS)}",
@@ -130,12 +159,32 @@ def iter_file_blocks(src: Source, chunk_size: int, on_bytes: ProgressFn = None,
 
 
 def iter_corpus_bytes(sources: list[Source], chunk_size: int, on_bytes: ProgressFn = None,
-                      hashers: Optional[list] = None) -> Iterator[bytes]:
-    """All sources as one byte stream, with the separator between files."""
+                      hashers: Optional[list] = None, document_break: Any = DOCUMENT_BREAK) -> Iterator[Any]:
+    """All sources as one byte stream, with the separator between files (``document_break``
+    around and between documents: see :func:`iter_corpus_text`)."""
     for k, src in enumerate(sources):
         if k:
-            yield SEPARATOR.encode()
-        yield from iter_file_blocks(src, chunk_size, on_bytes, hashers[k] if hashers else None)
+            yield _separator(sources, k, document_break.encode() if isinstance(document_break, str)
+                             else document_break, SEPARATOR.encode())
+        hasher = hashers[k] if hashers else None
+        if src.has_documents:
+            for text in _joined_documents(src, document_break, on_bytes, hasher):
+                yield text.encode() if isinstance(text, str) else text
+        else:
+            yield from iter_file_blocks(src, chunk_size, on_bytes, hasher)
+
+
+def _separator(sources: list[Source], k: int, document_break: Any, separator: Any) -> Any:
+    """What goes between ``sources[k - 1]`` and ``sources[k]``: a file of documents ends and
+    starts documents, so the document break; between two text files, the blank line."""
+    return document_break if sources[k - 1].has_documents or sources[k].has_documents else separator
+
+
+def _joined_documents(src: Source, document_break: Any, on_bytes: ProgressFn, hasher) -> Iterator[Any]:
+    for j, text in enumerate(iter_documents(src, on_bytes, hasher)):
+        if j:
+            yield document_break
+        yield text
 
 
 def _complete_utf8_len(data: bytes) -> int:
@@ -178,13 +227,21 @@ def _strict_decode(data: bytes, name: str, offset: int) -> str:
 
 
 def iter_corpus_text(sources: list[Source], chunk_size: int, on_bytes: ProgressFn = None,
-                     hashers: Optional[list] = None) -> Iterator[str]:
-    """All sources as one stream of text blocks, with the separator between files."""
+                     hashers: Optional[list] = None, document_break: Any = SEPARATOR) -> Iterator[Any]:
+    """All sources as one stream of text blocks, with the separator between files.
+
+    The documents of a JSON Lines or Parquet file come one by one with ``document_break``
+    between them, and in place of the separator where such a file meets its neighbours: text
+    (e.g. the separator itself) or :data:`DOCUMENT_BREAK`, which is then an item of the stream.
+    """
     for k, src in enumerate(sources):
         if k:
-            yield SEPARATOR
-        blocks = iter_file_blocks(src, chunk_size, on_bytes, hashers[k] if hashers else None)
-        yield from decode_utf8_blocks(blocks, src.name)
+            yield _separator(sources, k, document_break, SEPARATOR)
+        hasher = hashers[k] if hashers else None
+        if src.has_documents:
+            yield from _joined_documents(src, document_break, on_bytes, hasher)
+        else:
+            yield from decode_utf8_blocks(iter_file_blocks(src, chunk_size, on_bytes, hasher), src.name)
 
 
 # -- cutting text into pieces that encode independently ------------------------------------
@@ -213,14 +270,21 @@ def any_cut(buf: str) -> int:
     return len(buf)
 
 
-def iter_pieces(texts: Iterable[str], piece_size: int, safe_cut: Callable[[str], int] = any_cut) -> Iterator[str]:
+def iter_pieces(texts: Iterable[Any], piece_size: int, safe_cut: Callable[[str], int] = any_cut) -> Iterator[Any]:
     """Re-cut a text stream into pieces of about ``piece_size`` characters at safe positions.
 
-    A stretch with no safe position (one enormous word) grows until one appears.
+    A stretch with no safe position (one enormous word) grows until one appears. A
+    :data:`DOCUMENT_BREAK` in the stream ends the piece before it and is passed on.
     """
     parts: list[str] = []
     size = 0
     for text in texts:
+        if text is DOCUMENT_BREAK:
+            if tail := "".join(parts):
+                yield tail
+            yield text
+            parts, size = [], 0
+            continue
         parts.append(text)
         size += len(text)
         if size < piece_size:

@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_arguments(parser)
     parser.set_defaults(run=run)
-    add_setting_flags(parser, {**DATA_FLAGS, "resume": "--resume", "device": "--training.device"})
+    add_setting_flags(parser, {**DATA_FLAGS, "resume": "--resume", "device": "--training.device",
+                               "init_from": "--checkpoint"})
 
 
 def run(args, overrides: list[str]) -> int:

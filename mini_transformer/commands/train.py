@@ -26,7 +26,8 @@ def register(subparsers) -> None:
                         help="continue exactly from the latest checkpoint in training.out_dir")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
-    add_setting_flags(parser, {**DATA_FLAGS, "resume": "--resume", "device": "--training.device"})
+    add_setting_flags(parser, {**DATA_FLAGS, "resume": "--resume", "device": "--training.device",
+                               "init_from": "--training.init_from"})
 
 
 def run(args, overrides: list[str]) -> int:

@@ -34,11 +34,11 @@ from typing import Any, Optional
 import numpy as np
 from tqdm import tqdm
 
-from ..atomic import atomic_directory, atomic_write_text, fsync_dir
+from ..atomic import atomic_directory, atomic_write_text, fsync_dir, make_dirs
 from ..config import DataConfig
 from ..errors import UserError
 from ..tokenizer import (BPETokenizer, ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
-                         check_kind, load_tokenizer)
+                         check_bpe_vocab_size, check_kind, load_tokenizer)
 from .sources import (DEFAULT_CHUNK_SIZE, SEPARATOR, Source, any_cut, bpe_safe_cut, cached_sha256,
                       dataset_sources, expand_input, iter_corpus_bytes, iter_corpus_text, iter_pieces,
                       open_inputs)
@@ -193,8 +193,10 @@ def write_prepared(sources: list[Source], out_dir: str | os.PathLike, *, tokeniz
     """Tokenize ``sources`` into ``out_dir`` (``tokenizer`` is a kind, or a ready Tokenizer to reuse)."""
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}; 0.1 is the default")
+    if tokenizer == "bpe":
+        check_bpe_vocab_size(vocab_size)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     with contextlib.suppress(FileNotFoundError):
         (out / META_FILE).unlink()  # the directory is incomplete until meta.json is rewritten
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else build_tokenizer(
@@ -334,6 +336,13 @@ def prepare_dataset(data: DataConfig, *, tokenizer: Optional[Tokenizer] = None, 
             result = _prepare_dataset(data, tokenizer, False, chunk_size)  # now a cache hit
         return result
     return _prepare_dataset(data, tokenizer, progress, chunk_size)
+
+
+def check_data_settings(data: DataConfig) -> None:
+    """What can be refused about ``data`` before any text is read (a run calls this first)."""
+    check_kind(data.tokenizer)
+    if data.tokenizer == "bpe":
+        check_bpe_vocab_size(data.bpe_vocab_size)
 
 
 def _prepare_dataset(data: DataConfig, tokenizer: Optional[Tokenizer], progress: bool,

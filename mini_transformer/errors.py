@@ -115,11 +115,18 @@ def _errno_of(exc: BaseException) -> Optional[int]:
 
 
 def _concerns(exc: BaseException, code: int, path: Optional[str | os.PathLike]) -> bool:
-    """Whether a permission error is about the place being written (temporary files are its siblings)."""
+    """Whether a permission error is about ``path``: a file in it, or one of the temporary siblings
+    that atomic writes use (``.NAME.*.tmp``, ``.tmp-NAME-*``)."""
     filename = getattr(exc, "filename", None)
     if code not in _PERMISSIONS or path is None or not isinstance(filename, (str, os.PathLike)):
         return True
-    return Path(os.path.abspath(filename)).is_relative_to(Path(os.path.abspath(path)).parent)
+    target, written = Path(os.path.abspath(path)), Path(os.path.abspath(filename))
+    if written.is_relative_to(target):
+        return True
+    if not written.is_relative_to(target.parent) or written == target.parent:
+        return written == target.parent  # creating a file in the parent directory itself
+    sibling = written.relative_to(target.parent).parts[0]
+    return sibling.startswith((f".{target.name}.", f".tmp-{target.name}-"))
 
 
 def out_of_memory(exc: BaseException) -> Optional[UserError]:

@@ -34,7 +34,7 @@ from typing import Any, Optional
 import numpy as np
 from tqdm import tqdm
 
-from ..atomic import atomic_directory, atomic_write_text, fsync_dir, make_dirs
+from ..atomic import atomic_directory, atomic_write_text, fsync_dir, make_dirs, reported_as
 from ..config import DataConfig
 from ..errors import UserError
 from ..tokenizer import (BPETokenizer, ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
@@ -203,24 +203,25 @@ def write_prepared(sources: list[Source], out_dir: str | os.PathLike, *, tokeniz
         tokenizer, sources, vocab_size=vocab_size, train_bytes=train_bytes, chunk_size=chunk_size,
         progress=progress)
     dtype = token_dtype(tok.vocab_size)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".tokens.", suffix=".tmp")
-    os.close(fd)
-    val_tmp = Path(tmp + ".val")
-    try:
-        n_tokens, digests = _encode_to_file(tok, sources, Path(tmp), dtype, chunk_size, progress)
-        n_train, n_val = split_sizes(n_tokens, val_fraction)
-        if n_train == 0 or n_val == 0:
-            raise UserError(f"the text gives only {n_tokens} tokens, too few to split into train and "
-                            f"validation with val_fraction {val_fraction}; use more text")
-        _split_token_file(Path(tmp), val_tmp, n_train, dtype.itemsize)
-        for path in (tmp, val_tmp):
-            os.chmod(path, 0o644)  # mkstemp makes 0600; token files are ordinary data
-        os.replace(tmp, out / "train.bin")
-        os.replace(val_tmp, out / "val.bin")
-    finally:
-        for leftover in (Path(tmp), val_tmp):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
+    with reported_as(out):  # a full disk, named as the directory being written
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=".tokens.", suffix=".tmp")
+        os.close(fd)
+        val_tmp = Path(tmp + ".val")
+        try:
+            n_tokens, digests = _encode_to_file(tok, sources, Path(tmp), dtype, chunk_size, progress)
+            n_train, n_val = split_sizes(n_tokens, val_fraction)
+            if n_train == 0 or n_val == 0:
+                raise UserError(f"the text gives only {n_tokens} tokens, too few to split into train and "
+                                f"validation with val_fraction {val_fraction}; use more text")
+            _split_token_file(Path(tmp), val_tmp, n_train, dtype.itemsize)
+            for path in (tmp, val_tmp):
+                os.chmod(path, 0o644)  # mkstemp makes 0600; token files are ordinary data
+            os.replace(tmp, out / "train.bin")
+            os.replace(val_tmp, out / "val.bin")
+        finally:
+            for leftover in (Path(tmp), val_tmp):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
     tok.save(out)
     meta = {
         "format": FORMAT, "version": FORMAT_VERSION,

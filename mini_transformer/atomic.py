@@ -130,16 +130,12 @@ def atomic_directory(target: str | os.PathLike, if_exists: IfExists = "error") -
 def make_dirs(directory: str | os.PathLike) -> Path:
     """``mkdir -p directory``; a :class:`UserError` if a file stands in the way or the machine refuses."""
     directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        check_can_be_directory(directory)
-        raise
-    except OSError as exc:
-        failure = write_error(exc, directory)
-        if failure is None:
+    with reported_as(directory):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            check_can_be_directory(directory)
             raise
-        raise failure from exc
     return directory
 
 

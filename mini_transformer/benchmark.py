@@ -20,11 +20,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, make_dirs
 from .config import Config, ModelConfig, load_config
 from .decode_layout import to_decode_layout
 from .device import autocast, cpu_flags, cpuinfo_field, dtype_name, resolve_device, resolve_dtype
-from .errors import UserError
+from .errors import SettingError, UserError
 from .generation import KVCachePool, generate
 from .model import Transformer
 from .profile import (
@@ -51,6 +51,15 @@ class BenchSettings:
     prompt_tokens: int = 8
     memory: bool = True
     compile: bool = False
+
+
+def check_counts(**counts: Optional[int]) -> None:
+    """Refuse a count below 1 (batch_size, block_size, steps, gen_tokens; None: the default),
+    before anything is built: a median of no steps, or a rate of no tokens, means nothing."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise SettingError(f"{name} must be at least 1, got {value}; leave it out for the default",
+                               setting=name)
 
 
 def machine_description(device: torch.device) -> str:
@@ -371,7 +380,7 @@ def compare_row(r: dict[str, Any]) -> str:
 
 
 def write_results(out_dir: Path, name: str, markdown: str, rows: list[dict[str, Any]], machine: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     atomic_write_text(out_dir / f"{name}.md", f"Machine: {machine}\n\n{markdown}\n")
     atomic_write_text(out_dir / f"{name}.json", json.dumps({"machine": machine, "rows": rows}, indent=2))
 
@@ -391,7 +400,7 @@ def profile_training(preset: str, out_path: Path, steps: int = 3, batch_size: in
         for _ in range(steps):
             step()
         synchronize(device)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_path.parent)
     prof.export_chrome_trace(str(out_path))
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=20)

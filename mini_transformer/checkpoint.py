@@ -27,20 +27,21 @@ import json
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
 import yaml
 
-from .atomic import atomic_directory, atomic_write, atomic_write_text
+from .atomic import atomic_directory, atomic_write, atomic_write_text, recover_replaced
 from .config import Config
 from .decode_layout import to_decode_layout
-from .errors import SettingError, UserError, first_line
+from .errors import SettingError, UserError, WriteError, first_line
 from .lora import apply_lora, load_adapter
 from .model import Transformer
 from .quantize import is_quantized, load_quantized, quantize_model, read_quantization_meta, save_quantized
 from .safetensors_io import read_safetensors, write_safetensors
-from .tokenizer import load_tokenizer
+from .tokenizer import TOKENIZER_FILE, load_tokenizer
 from .weights import assign_weights, missing_weights, model_fingerprint, weights_state_dict
 
 FORMAT_VERSION = 1
@@ -73,14 +74,16 @@ def load_weights_into(model: Transformer, state: dict[str, torch.Tensor], source
     expected = model.state_dict()
     for name, tensor in state.items():
         if name not in expected:
-            raise UserError(f"{source} has weight {name!r} that this model does not; "
-                            "the checkpoint belongs to a different model")
+            raise UserError(f"{source} has weight {name!r} that this model does not; the checkpoint belongs to "
+                            "a different model: load it with its own config.yaml, or use another checkpoint")
         if expected[name].shape != tensor.shape:
             raise UserError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                            f"{tuple(expected[name].shape)}; the checkpoint belongs to a different model shape")
+                            f"{tuple(expected[name].shape)}; the checkpoint belongs to a different model shape: "
+                            "load it with its own config.yaml, or use another checkpoint")
     missing = missing_weights(model, state)
     if missing:
-        raise UserError(f"{source} lacks weights {', '.join(missing[:3])}; the checkpoint is incomplete")
+        raise UserError(f"{source} lacks weights {', '.join(missing[:3])}; the checkpoint is incomplete: "
+                        "use another checkpoint")
     if assign:
         assign_weights(model, state)
     else:
@@ -106,14 +109,31 @@ def save_checkpoint(
     out = Path(out_dir)
     name = f"{CHECKPOINT_PREFIX}{step:08d}"
     final = out / name
-    if not final.exists():  # a step's checkpoint, once complete, is never rewritten
-        with atomic_directory(final, if_exists="keep") as tmp:
-            _write_checkpoint_files(tmp, step, model, config, tokenizer, train_state, best_val_loss, extra_meta)
-    _write_pointer(out / LATEST_POINTER, name, step)
-    if is_best:
-        _write_pointer(out / BEST_POINTER, name, step, best_val_loss)
+    previous = _read_pointer(out / LATEST_POINTER)
+    try:
+        if not final.exists():  # a step's checkpoint, once complete, is never rewritten
+            with atomic_directory(final, if_exists="keep") as tmp:
+                _write_checkpoint_files(tmp, step, model, config, tokenizer, train_state, best_val_loss,
+                                        extra_meta)
+        _write_pointer(out / LATEST_POINTER, name, step)
+        if is_best:
+            _write_pointer(out / BEST_POINTER, name, step, best_val_loss)
+    except WriteError as exc:
+        raise _not_saved(final, exc, out / previous if previous and previous != name else None) from exc
     prune_checkpoints(out, keep_last)
     return final
+
+
+def _not_saved(final: Path, exc: WriteError, previous: Optional[Path]) -> SettingError:
+    """A checkpoint the machine refused to write, and what is left: the pointers still name the
+    previous complete one (every file is written atomically)."""
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint was saved"
+    fix = ("free some space (or lower training.keep_last)" if exc.out_of_space
+           else f"make {final.parent} writable (or choose another training.out_dir)")
+    if previous is None:
+        return SettingError(f"can't save checkpoint {final}: {exc.reason}; {kept}: {fix}, then run again")
+    return SettingError(f"can't save checkpoint {final}: {exc.reason}; {kept}: {fix}, then resume the run",
+                        fixes=[{"resume": ""}])
 
 
 def _write_checkpoint_files(directory: Path, step: Optional[int], model: Transformer, config: Config,
@@ -190,6 +210,8 @@ def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
     ``prefer="latest"`` takes the latest (for resuming).
     """
     p = Path(path)
+    if not p.exists():
+        recover_replaced(p, stale_temporaries=False)  # a quantize or merge output a kill left renamed aside
     if (p / META_FILE).is_file() or (p / WEIGHTS_FILE).is_file():
         return p
     if not p.exists():
@@ -207,6 +229,21 @@ def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
     raise UserError(f"no checkpoint in {str(p)!r}; train first, or point to a run's out_dir or a ckpt-* directory")
 
 
+def refuse_quantized_base(directory: Path) -> None:
+    """Training starts from full-precision weights: a quantized checkpoint's int8/int4 layers
+    neither train nor match the model's."""
+    meta = read_quantization_meta(directory)
+    if meta is None:
+        return
+    try:
+        source = json.loads((directory / META_FILE).read_text(encoding="utf-8")).get("quantized_from")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    origin = f" ({source})" if source else ""
+    raise SettingError(f"init_from {directory} is quantized ({meta['mode']}) and training needs full-precision "
+                       f"weights; start from the checkpoint it was quantized from{origin}", setting="init_from")
+
+
 def read_config(directory: Path) -> Config:
     path = directory / CONFIG_FILE
     if not path.is_file():
@@ -219,17 +256,30 @@ def read_config(directory: Path) -> Config:
     return Config.from_dict(raw or {}, source=str(path))
 
 
-def read_train_state(directory: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def read_train_state(directory: Path, map_location: str | torch.device = "cpu",
+                     required: Sequence[str] = ()) -> dict[str, Any]:
+    """``directory``'s training state: a mapping with (at least) the keys ``required``."""
     path = directory / STATE_FILE
     if not path.is_file():
         raise UserError(f"checkpoint {directory} has no training state ({STATE_FILE}); "
                         "it can be used for generation or training.init_from, not to resume training")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read is a corrupt or unsafe file
         first = first_line(exc)
         raise UserError(f"refusing to load {path}: it is corrupt or holds pickled objects ({first[:160]}); "
                         "use another checkpoint") from None
+    missing = [key for key in required if key not in state] if isinstance(state, dict) else list(required)
+    if missing:
+        raise not_resumable(path, f"it lacks {', '.join(missing)}")
+    return state
+
+
+def not_resumable(path: Path, why: str) -> UserError:
+    """A training state that can't be resumed from; its checkpoint's weights may still start a run."""
+    return UserError(f"{path} is not a training state this version can resume from ({why}); resume from "
+                     f"another checkpoint, or start a new run (in another training.out_dir) from these weights "
+                     f"with training.init_from {path.parent}")
 
 
 def load_model(directory: Path, device: str | torch.device = "cpu",
@@ -254,8 +304,15 @@ def load_model(directory: Path, device: str | torch.device = "cpu",
     return model.to(device)
 
 
-def load_tokenizer_from(directory: Path):
-    return load_tokenizer(directory)
+def load_tokenizer_from(directory: Path, vocab_size: Optional[int] = None):
+    """``directory``'s tokenizer; with the model's ``vocab_size``, refused if it has ids the
+    model has no embedding for (a tokenizer.json copied from another run)."""
+    tokenizer = load_tokenizer(directory)
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise UserError(f"{directory / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                        f"is {vocab_size}: the tokenizer belongs to another model; put back the tokenizer.json "
+                        "saved with these weights (or retrain)")
+    return tokenizer
 
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu", *,
@@ -284,9 +341,10 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
             include_embedding = config.advanced.quantize_embedding if quantize_embedding is None else quantize_embedding
             model = quantize_model(model, quantize, group_size or config.advanced.quantize_group_size,
                                    include_embedding=include_embedding)
+    tokenizer = load_tokenizer_from(directory, config.model.vocab_size)
     model = to_decode_layout(model.to(device))
     model.eval()
-    return model, config, load_tokenizer_from(directory)
+    return model, config, tokenizer
 
 
 def save_inference_checkpoint(directory: str | os.PathLike, model: Transformer, config: Config, tokenizer: Any,

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from .commands.common import CommandParser, with_flags
 from .commands.extras import check_extras
-from .errors import UserError
+from .errors import UserError, out_of_memory, write_error
 
 COMMANDS = ("prepare", "train", "finetune", "generate", "profile", "bench", "quantize", "merge", "plot",
             "export", "import", "serve", "config")
@@ -69,7 +70,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return reader_gone()
+    except (OSError, RuntimeError, MemoryError) as exc:
+        # What the machine refused (a full disk, no memory) is the user's to change, not a bug.
+        failure = write_error(exc) or out_of_memory(exc)
+        if failure is None:
+            raise
+        sys.stderr.write(f"error: {failure}\n")
+        sys.stderr.flush()
+        return 2
     return int(status or 0)
+
+
+def reader_gone() -> int:
+    """Output piped into a program that stopped reading (``| head``): end quietly, as Unix tools
+    do. Python would complain again while flushing stdout at exit, so stdout goes to devnull
+    first (the Python documentation's recipe, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file (captured in-process): nothing will flush to the pipe
+        pass
+    return 128 + 13  # what a shell reports for a program that SIGPIPE ended
 
 
 def run_as_script(command: str) -> None:

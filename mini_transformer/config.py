@@ -33,6 +33,7 @@ from typing import Any, Literal, Optional, Union
 
 from .atomic import atomic_write_text
 from .errors import SettingError, UserError
+from .textfile import read_user_text
 
 # yaml is imported where it is used: the command line's --help imports this module and never
 # reads YAML, and yaml's import is a fifth of --help's time.
@@ -342,6 +343,7 @@ class Config:
         ]:
             if value is not None and value <= 0:
                 raise UserError(f"{key} must be positive, got {value}; set it to a value > 0")
+        self._check_magnitudes()
         if m.d_model % m.n_heads:
             raise UserError(
                 f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}); "
@@ -361,11 +363,11 @@ class Config:
         for key, value in [("training.learning_rate", t.learning_rate), ("model.norm_eps", m.norm_eps),
                            ("model.rope_base", m.rope_base), ("training.eps", t.eps)]:
             if value <= 0:
-                raise UserError(f"{key} must be positive, got {value}")
+                raise UserError(f"{key} must be positive, got {value}; set it to a value > 0")
         for key, value in [("training.weight_decay", t.weight_decay), ("training.grad_clip", t.grad_clip),
                            ("training.warmup_iters", t.warmup_iters), ("model.init_std", m.init_std)]:
             if value < 0:
-                raise UserError(f"{key} must be >= 0, got {value}")
+                raise UserError(f"{key} must be >= 0, got {value}; 0 turns it off")
         for key, value in [("training.beta1", t.beta1), ("training.beta2", t.beta2)]:
             if not 0.0 <= value < 1.0:
                 raise UserError(f"{key} must be in [0, 1), got {value}; typical values are 0.9 and 0.95")
@@ -373,13 +375,50 @@ class Config:
             raise UserError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}; 0.1 is the default")
         if not 0.0 < t.dropout_anneal_fraction <= 1.0:
             raise UserError(
-                f"training.dropout_anneal_fraction must be in (0, 1], got {t.dropout_anneal_fraction}")
+                f"training.dropout_anneal_fraction must be in (0, 1], got {t.dropout_anneal_fraction}; "
+                "1.0 (the default) anneals over the whole run")
         if t.min_lr is not None and t.min_lr < 0:
-            raise UserError(f"training.min_lr must be >= 0, got {t.min_lr}")
+            raise UserError(f"training.min_lr must be >= 0, got {t.min_lr}; leave it unset for learning_rate / 10")
         for target in a.lora_targets:
             if target not in ("attention", "ffn"):
                 raise UserError(
                     f"advanced.lora_targets has unknown entry {target!r}; use 'attention' and/or 'ffn'")
+        for key, value, unset in [("training.lr_decay_iters", t.lr_decay_iters, "to decay until max_iters"),
+                                  ("training.max_seconds", t.max_seconds, "for no time limit")]:
+            if value is not None and value < 0:
+                raise UserError(f"{key} must be >= 0, got {value}; leave it unset (null) {unset}")
+        if t.dist_timeout_s <= 0:
+            raise UserError(f"training.dist_timeout_s must be positive, got {t.dist_timeout_s}; 300 is the default")
+        if g.context_keep is not None and not 1 <= g.context_keep < m.block_size:
+            raise UserError(f"generation.context_keep must be in [1, model.block_size) = [1, {m.block_size}), got "
+                            f"{g.context_keep}; leave it unset for block_size // 2")
+
+    def _check_magnitudes(self) -> None:
+        """Refuse integers that overflow what tensors are indexed with: a tensor dimension
+        (d_model, a batch) past int32, any count past int64 (``1.0e+30`` reads as an integer)."""
+        for section in SECTIONS:
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                if isinstance(value, bool) or not isinstance(value, int):
+                    continue
+                limit = _INT32_MAX if f"{section}.{key}" in _DIMENSIONS else _INT64_MAX
+                if abs(value) > limit:
+                    raise UserError(f"{section}.{key} = {value:.3g} is too large (at most {limit:,}); "
+                                    f"fix the value of {section}.{key}")
+        tokens = self.training.batch_size * self.model.block_size  # one batch tensor's elements
+        if tokens > _INT32_MAX:
+            raise UserError(f"training.batch_size x model.block_size = {tokens:,} tokens in one batch is too many "
+                            f"(at most {_INT32_MAX:,}); lower training.batch_size (gradient_accumulation_steps "
+                            "makes up the rest)")
+
+
+_INT32_MAX, _INT64_MAX = 2**31 - 1, 2**63 - 1
+# The settings that become a tensor's dimension (or a product of a few of them does).
+_DIMENSIONS = frozenset({
+    "model.vocab_size", "model.d_model", "model.n_heads", "model.n_kv_heads", "model.n_layers", "model.block_size",
+    "model.ffn_hidden_size", "training.batch_size", "training.global_batch_size", "data.bpe_vocab_size",
+    "generation.max_tokens", "generation.num_samples", "generation.top_k", "generation.context_keep",
+    "advanced.lora_rank", "advanced.quantize_group_size", "advanced.speculative_gamma",
+})
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -415,13 +454,19 @@ def preset_path(name: str) -> Path:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    if not path.is_file():
+    if not path.exists():
         raise SettingError(f"config file {str(path)!r} not found; check the path, or start from a built-in "
                            f"preset: {', '.join(preset_names())}", fixes=[{"preset": "NAME"}])
+    return read_yaml_file(path, "check the path")
+
+
+def read_yaml_file(path: Path, fix: str) -> dict[str, Any]:
+    """The mapping a YAML config file holds; ``fix`` says what to do if it does not exist."""
+    import yaml
+
+    text = read_user_text(path, "config file", fix, usual_name="config.yaml")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -478,7 +523,8 @@ class _OverrideText(str):
 def merge_into(config: Config, raw: dict[str, Any], source: str) -> None:
     """Validate ``raw`` key by key and write it into ``config``."""
     if not isinstance(raw, dict):
-        raise UserError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+        raise UserError(f"{source}: expected a mapping of sections, got {type(raw).__name__}; write it like "
+                        "'model: {d_model: 256}'")
     flat_homes = _flat_key_homes()
     for name, value in raw.items():
         name = str(name)

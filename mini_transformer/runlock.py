@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import IO, Optional
 
+from .atomic import make_dirs
 from .errors import UserError
 
 try:
@@ -52,7 +53,7 @@ def acquire_run_lock(out_dir: str | os.PathLike) -> RunLock:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"out_dir {out} is a file, not a directory; choose another training.out_dir")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     path = out / LOCK_FILE
     if fcntl is None:
         return RunLock(path, None)

@@ -54,9 +54,22 @@ def check_settings(values: Mapping[str, Any]) -> None:
             except UserError as exc:
                 raise InvalidSetting(name, str(exc)) from None
         elif name == "max_tokens" and value < 0:
-            raise InvalidSetting(name, f"max_tokens must be >= 0, got {value}")
+            raise InvalidSetting(name, f"max_tokens must be >= 0, got {value}; "
+                                       f"{GenerationConfig.max_tokens} is the default")
         elif name == "num_samples" and value <= 0:
-            raise InvalidSetting(name, f"num_samples must be >= 1, got {value}")
+            raise InvalidSetting(name, f"num_samples must be >= 1, got {value}; 1 is the default")
+
+
+def check_text(text: str, name: str) -> None:
+    """Refuse text that is not Unicode: bytes that were not UTF-8 where they were read (a command
+    line, a terminal) arrive as lone surrogates ("surrogateescape"), which no tokenizer encodes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = text[exc.start]
+        byte = f"byte 0x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"{char!r}"
+        raise UserError(f"{name} is not valid UTF-8 text ({byte} at character {exc.start + 1}); "
+                        "type or save it as UTF-8") from None
 
 
 @dataclass(frozen=True)
@@ -185,6 +198,7 @@ class Session:
     def encode(self, text: str, name: str = "the prompt") -> Prompt:
         """``text`` as token ids, after the BOS when the model expects one; an empty text starts
         from the BOS, else a newline (or the end-of-text token)."""
+        check_text(text, name)
         prompt = Prompt(self.bos_prefix() + self.tokenizer.encode(text)) if text else self._empty_prompt()
         if len(prompt.ids) > self.block_size:
             prompt.notices.append(f"{name} has {len(prompt.ids)} tokens, more than the context of "
@@ -297,6 +311,7 @@ class Conversation:
 
     def reply(self, line: str) -> TextStream:
         """Continue the conversation with ``line`` (and a newline); an empty line just continues."""
+        check_text(line, "the line")
         new_ids = self.session.tokenizer.encode(line + "\n") if line else []
         context = self.context or self.session.bos_prefix()  # a conversation starts with the BOS
         ids = context + new_ids
@@ -331,6 +346,6 @@ class Conversation:
             try:
                 parsed = kind(value)
             except ValueError:
-                raise UserError(f"{command} needs a number, got {value!r}") from None
+                raise UserError(f"{command} needs a number, got {value!r}; for example {command} 50") from None
         self.session.settings = dataclasses.replace(self.session.settings, **{setting: parsed})
         return f"{setting} = {parsed}"

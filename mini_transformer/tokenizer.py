@@ -292,10 +292,8 @@ class BPETokenizer(_TokenizersBacked):
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, length: Optional[int] = None) -> "BPETokenizer":
         """Learn merges from ``texts`` (any iterable of strings, streamed; ``length`` is for progress)."""
+        check_bpe_vocab_size(vocab_size)
         tk = import_tokenizers()
-        if vocab_size < 257 + 1:
-            raise SettingError(f"vocab_size for bpe must be at least 258 (256 bytes + 1 special), got {vocab_size}",
-                               setting="vocab_size")
         tok = tk.Tokenizer(tk.models.BPE())
         tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = tk.decoders.ByteLevel()
@@ -465,6 +463,14 @@ class GPT2Tokenizer(Tokenizer):
 
 _CLASSES: dict[str, type] = {"char": CharTokenizer, "byte": ByteTokenizer, "bpe": BPETokenizer,
                              "gpt2": GPT2Tokenizer, "hf": HFTokenizer}
+
+
+def check_bpe_vocab_size(vocab_size: int) -> int:
+    """Refuse a BPE vocabulary too small to hold its alphabet, before any text is read."""
+    if vocab_size < 257 + 1:
+        raise SettingError(f"vocab_size for bpe must be at least 258 (256 bytes + 1 special), got {vocab_size}; "
+                           "2048 is a good start", setting="vocab_size")
+    return vocab_size
 
 
 def check_kind(kind: str) -> str:

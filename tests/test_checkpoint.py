@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from mini_transformer import atomic
 from mini_transformer import checkpoint as ckpt
 from mini_transformer.config import Config, ModelConfig
 from mini_transformer.errors import UserError
@@ -174,3 +175,22 @@ def test_save_inference_checkpoint_replaces_an_old_one_whole(tmp_path):
     assert not (out / "stale.txt").exists()  # the old directory went as a whole
     assert torch.equal(ckpt.load_model(out).tok_emb.weight, other.tok_emb.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no .tmp-* or .old-* left
+
+
+def test_a_quantize_or_merge_output_a_kill_left_renamed_aside_is_found_again(tmp_path, monkeypatch):
+    """Without an atomic exchange, replacing ``--out`` renames the old checkpoint to ``.old-<name>``
+    first; a kill before the new one moves in leaves no ``--out``. Reading it renames it back, and
+    the next replace starts from it."""
+    model, config, tokenizer = tiny()
+    out = tmp_path / "merged"
+    ckpt.save_inference_checkpoint(out, model, config, tokenizer)
+    out.rename(tmp_path / ".old-merged")  # what the kill left
+    assert ckpt.resolve_checkpoint(out) == out
+    assert torch.equal(ckpt.load_model(out).tok_emb.weight, model.tok_emb.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # the rename fallback, where no exchange exists
+    other, _, _ = tiny(seed=1)
+    ckpt.save_inference_checkpoint(out, other, config, tokenizer)
+    assert torch.equal(ckpt.load_model(out).tok_emb.weight, other.tok_emb.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]

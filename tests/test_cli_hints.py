@@ -72,7 +72,8 @@ def test_a_bpe_vocabulary_too_small_names_each_commands_flag(run_cli, tmp_path):
     text.write_text("some text to prepare\n" * 20, encoding="utf-8")
     status, _, err = run_cli("prepare", "--input", str(text), "--tokenizer", "bpe", "--vocab_size", "100",
                              "--out", str(tmp_path / "o"), "--quiet")
-    assert status == 2 and err == "error: --vocab_size for bpe must be at least 258 (256 bytes + 1 special), got 100\n"
+    assert status == 2 and err == ("error: --vocab_size for bpe must be at least 258 (256 bytes + 1 special), got 100; "
+                                   "2048 is a good start\n")
     status, _, err = run_cli("train", "--data.path", str(text), "--data.tokenizer", "bpe", "--data.bpe_vocab_size",
                              "100", "--data.cache_dir", str(tmp_path / "c"), "--training.out_dir",
                              str(tmp_path / "run"), "--quiet")

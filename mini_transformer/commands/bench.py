@@ -17,6 +17,10 @@ EXAMPLES = """\
 """
 
 
+# The flags that count something and must be at least 1.
+COUNTS = ("batch_size", "block_size", "steps", "gen_tokens")
+
+
 def register(subparsers) -> None:
     parser = add_command(
         subparsers, "bench", help="measure training/generation speed, memory and MFU",
@@ -34,7 +38,7 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="with --compare, 'auto' runs both fp32 and bf16")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    add_setting_flags(parser, {"device": "--device"})
+    add_setting_flags(parser, {"device": "--device", **{name: f"--{name}" for name in COUNTS}})
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (median); large takes fewer")
     parser.add_argument("--gen_tokens", type=int, default=200, help="tokens generated per timing (default: 200)")
     parser.add_argument("--compile", action="store_true",
@@ -52,9 +56,12 @@ def run(args, overrides: list[str]) -> int:
     import torch
 
     from .. import benchmark as bench
+    from ..atomic import check_can_be_directory
     from ..device import dtype_name, resolve_device, resolve_dtype
 
+    bench.check_counts(**{name: getattr(args, name) for name in COUNTS})
     out = Path(args.out)
+    check_can_be_directory(out)  # before minutes of measuring
     device = resolve_device(args.device)
     machine = bench.machine_description(device)
     print(f"machine: {machine}")

@@ -30,7 +30,8 @@ def register(subparsers) -> None:
     add_config_arguments(parser)
     parser.set_defaults(run=run)
     list_config_keys(parser, SECTIONS)
-    add_setting_flags(parser, {**DATA_FLAGS, "resume": "--resume", "device": "--training.device"})
+    add_setting_flags(parser, {**DATA_FLAGS, "resume": "--resume", "device": "--training.device",
+                               "init_from": "--checkpoint"})
 
 
 def run(args, overrides: list[str]) -> int:

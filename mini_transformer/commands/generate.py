@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import AdvancedConfig, Config, merge_into, parse_overrides
+from ..atomic import check_can_be_directory
+from ..config import AdvancedConfig, Config, merge_into, parse_overrides, read_yaml_file
 from ..errors import UserError
+from ..textfile import read_user_text
 from .common import add_command, add_flag, add_setting_flags, list_config_keys, with_flags
 
 # The session (and through it torch) and yaml are imported when the command runs, not when its
@@ -128,6 +130,8 @@ def check_flags(args: argparse.Namespace) -> None:
     for flag, value in (("--attention_layer", args.attention_layer), ("--attention_head", args.attention_head)):
         if value is not None and value < 0:
             raise UserError(f"{flag} must be >= 0 (0 is the first), got {value}")
+    if args.log_attention:
+        check_can_be_directory(args.attention_dir)
     check_settings(flag_settings(args))
 
 
@@ -150,19 +154,7 @@ def with_flag(exc: InvalidSetting) -> UserError:
 
 def read_config_sections(path: str | None, overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The raw sections of ``--config`` and of the dotted overrides that generation may use."""
-    import yaml
-
-    file_raw: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {path!r} not found; check the path")
-        try:
-            file_raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError:
-            raise UserError(f"config file {path!r} is not valid YAML; fix its syntax") from None
-        if not isinstance(file_raw, dict):
-            raise UserError(f"config file {path!r} must hold a mapping of sections")
+    file_raw = read_yaml_file(Path(path), "check the path") if path else {}
     override_raw = parse_overrides(overrides)
     for section in override_raw:
         if section not in ("generation", "advanced", "training"):
@@ -192,10 +184,8 @@ def default_checkpoint(args: argparse.Namespace, file_raw: dict[str, Any], overr
 
 
 def read_prompts(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"prompts file {path!r} not found; write one prompt per line")
-    prompts = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = read_user_text(path, "prompts file", "write one prompt per line")
+    prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompts file {path!r} has no prompts; write one prompt per line")
     return prompts
@@ -209,6 +199,7 @@ def note(message: str) -> None:
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     check_flags(args)
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else None  # refused before the model loads
     session, advanced = open_session(args, overrides)
     log_attention = args.log_attention or advanced.log_attention
     if log_attention and (args.interactive or args.prompts_file):
@@ -217,8 +208,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         note("--attention_layer and --attention_head choose what --log_attention draws; add --log_attention")
     if args.interactive:
         return interactive(session)
-    if args.prompts_file:
-        return print_batch(session, read_prompts(args.prompts_file), args.stream)
+    if prompts is not None:
+        return print_batch(session, prompts, args.stream)
     text = args.prompt or ""
     prompt = session.encode(text)
     for message in prompt.notices:
@@ -373,6 +364,10 @@ def interactive(session: Session) -> int:
     except ImportError:  # Windows without pyreadline: plain input still works
         pass
     conversation = Conversation(session)
+    if hasattr(sys.stdin, "reconfigure"):
+        # A line that is not UTF-8 arrives as lone surrogates, which the session refuses in one
+        # line, instead of a decoding error that would end the session (or lose buffered input).
+        sys.stdin.reconfigure(errors="surrogateescape")
     print("interactive mode: type text to continue it; /help for commands, Ctrl-D to leave", flush=True)
     while True:
         try:
@@ -382,6 +377,9 @@ def interactive(session: Session) -> int:
             return 0
         except KeyboardInterrupt:  # Ctrl-C at the prompt: drop the line, stay
             print()
+            continue
+        except UnicodeDecodeError:  # a stdin that could not be reconfigured
+            print("error: that line is not valid UTF-8 text; type it again", flush=True)
             continue
         stripped = line.strip()
         if stripped in QUIT_COMMANDS:

@@ -35,7 +35,7 @@ def run(args, overrides: list[str]) -> int:
     load_adapter(args.adapter, model)
     merge_lora(model)
     config.advanced.use_lora = False
-    out = save_inference_checkpoint(args.out, model, config, load_tokenizer_from(directory),
+    out = save_inference_checkpoint(args.out, model, config, load_tokenizer_from(directory, config.model.vocab_size),
                                     extra_meta={"merged_adapter": str(args.adapter), "base": str(directory)},
                                     source=directory)
     print(f"merged {args.adapter} into {directory}: written to {out}")

@@ -80,12 +80,14 @@ def run(args, overrides: list[str]) -> int:
     from ..data import check_split_lengths, dataset_sources, prepare_inputs, write_prepared
 
     if args.chunk_size <= 0:
-        raise UserError(f"--chunk_size must be positive, got {args.chunk_size}")
+        raise UserError(f"--chunk_size must be positive, got {args.chunk_size}; leave it out for the default")
     if args.block_size is not None and args.block_size <= 0:
-        raise UserError(f"--block_size must be positive, got {args.block_size}")
+        raise UserError(f"--block_size must be positive, got {args.block_size}; give the model's block_size, "
+                        "or leave it out")
     out = Path(args.out) if args.out else _default_out(args)
     if args.bpe_train_bytes is not None and args.bpe_train_bytes <= 0:
-        raise UserError(f"--bpe_train_bytes must be positive, got {args.bpe_train_bytes}")
+        raise UserError(f"--bpe_train_bytes must be positive, got {args.bpe_train_bytes}; leave it out to learn "
+                        "from all the text")
     if not 0.0 < args.val_fraction < 1.0:  # checked here too, so that the message names the flag
         raise UserError(f"--val_fraction must be in (0, 1), got {args.val_fraction}; 0.1 is the default")
     options = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size, train_bytes=args.bpe_train_bytes,

@@ -47,7 +47,7 @@ def run(args, overrides: list[str]) -> int:
     config.advanced.quantize = mode
     config.advanced.quantize_group_size = group_size
     config.advanced.quantize_embedding = args.embedding
-    out = save_inference_checkpoint(args.out, model, config, load_tokenizer_from(directory),
+    out = save_inference_checkpoint(args.out, model, config, load_tokenizer_from(directory, config.model.vocab_size),
                                     extra_meta={"quantized_from": str(directory)}, source=directory)
     before = (directory / "model.safetensors").stat().st_size
     after = (out / "model.safetensors").stat().st_size

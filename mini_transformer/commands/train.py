@@ -29,7 +29,8 @@ def register(subparsers) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
     list_config_keys(parser, SECTIONS)
-    add_setting_flags(parser, {**DATA_FLAGS, "resume": "--resume", "device": "--training.device"})
+    add_setting_flags(parser, {**DATA_FLAGS, "resume": "--resume", "device": "--training.device",
+                               "init_from": "--training.init_from"})
 
 
 def run(args, overrides: list[str]) -> int:

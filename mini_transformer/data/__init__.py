@@ -14,13 +14,14 @@ files, the cache), :mod:`.batches` (samplers).
 """
 
 from .batches import RandomBatchSampler, iter_sequential_batches
-from .pipeline import (PreparedData, build_tokenizer, check_split_lengths, is_prepared_dir, load_prepared,
-                       prepare_dataset, prepare_inputs, split_sizes, token_dtype, write_prepared)
+from .pipeline import (PreparedData, build_tokenizer, check_data_settings, check_split_lengths, is_prepared_dir,
+                       load_prepared, prepare_dataset, prepare_inputs, split_sizes, token_dtype, write_prepared)
 from .sources import DATASETS, SEPARATOR, Source, dataset_sources, expand_input, pystdlib_sources
 
 __all__ = [
     "DATASETS", "PreparedData", "RandomBatchSampler", "SEPARATOR", "Source", "build_tokenizer",
-    "check_split_lengths", "dataset_sources", "expand_input", "is_prepared_dir", "iter_sequential_batches",
+    "check_data_settings", "check_split_lengths", "dataset_sources", "expand_input", "is_prepared_dir",
+    "iter_sequential_batches",
     "load_prepared", "prepare_dataset", "prepare_inputs", "pystdlib_sources", "split_sizes", "token_dtype",
     "write_prepared",
 ]

@@ -40,11 +40,11 @@ from typing import Any, Optional
 import numpy as np
 from tqdm import tqdm
 
-from ..atomic import atomic_directory, atomic_write_text, fsync_dir
+from ..atomic import atomic_directory, atomic_write_text, fsync_dir, make_dirs, reported_as
 from ..config import DataConfig
 from ..errors import UserError
 from ..tokenizer import (BPETokenizer, ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
-                         check_kind, load_tokenizer)
+                         check_bpe_vocab_size, check_kind, load_tokenizer)
 from .sources import (DEFAULT_CHUNK_SIZE, DOCUMENT_BREAK, SEPARATOR, Source, any_cut, bpe_safe_cut,
                       cached_sha256, dataset_sources, expand_input, iter_corpus_bytes, iter_corpus_text,
                       iter_pieces, open_inputs)
@@ -215,32 +215,35 @@ def write_prepared(sources: list[Source], out_dir: str | os.PathLike, *, tokeniz
     """Tokenize ``sources`` into ``out_dir`` (``tokenizer`` is a kind, or a ready Tokenizer to reuse)."""
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}; 0.1 is the default")
+    if tokenizer == "bpe":
+        check_bpe_vocab_size(vocab_size)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     with contextlib.suppress(FileNotFoundError):
         (out / META_FILE).unlink()  # the directory is incomplete until meta.json is rewritten
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else build_tokenizer(
         tokenizer, sources, vocab_size=vocab_size, train_bytes=train_bytes, chunk_size=chunk_size,
         progress=progress)
     dtype = token_dtype(tok.vocab_size)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".tokens.", suffix=".tmp")
-    os.close(fd)
-    val_tmp = Path(tmp + ".val")
-    try:
-        n_tokens, digests = _encode_to_file(tok, sources, Path(tmp), dtype, chunk_size, progress)
-        n_train, n_val = split_sizes(n_tokens, val_fraction)
-        if n_train == 0 or n_val == 0:
-            raise UserError(f"the text gives only {n_tokens} tokens, too few to split into train and "
-                            f"validation with val_fraction {val_fraction}; use more text")
-        _split_token_file(Path(tmp), val_tmp, n_train, dtype.itemsize)
-        for path in (tmp, val_tmp):
-            os.chmod(path, 0o644)  # mkstemp makes 0600; token files are ordinary data
-        os.replace(tmp, out / "train.bin")
-        os.replace(val_tmp, out / "val.bin")
-    finally:
-        for leftover in (Path(tmp), val_tmp):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
+    with reported_as(out):  # a full disk, named as the directory being written
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=".tokens.", suffix=".tmp")
+        os.close(fd)
+        val_tmp = Path(tmp + ".val")
+        try:
+            n_tokens, digests = _encode_to_file(tok, sources, Path(tmp), dtype, chunk_size, progress)
+            n_train, n_val = split_sizes(n_tokens, val_fraction)
+            if n_train == 0 or n_val == 0:
+                raise UserError(f"the text gives only {n_tokens} tokens, too few to split into train and "
+                                f"validation with val_fraction {val_fraction}; use more text")
+            _split_token_file(Path(tmp), val_tmp, n_train, dtype.itemsize)
+            for path in (tmp, val_tmp):
+                os.chmod(path, 0o644)  # mkstemp makes 0600; token files are ordinary data
+            os.replace(tmp, out / "train.bin")
+            os.replace(val_tmp, out / "val.bin")
+        finally:
+            for leftover in (Path(tmp), val_tmp):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
     tok.save(out)
     meta = {
         "format": FORMAT, "version": FORMAT_VERSION,
@@ -364,6 +367,13 @@ def prepare_dataset(data: DataConfig, *, tokenizer: Optional[Tokenizer] = None, 
             result = _prepare_dataset(data, tokenizer, False, chunk_size)  # now a cache hit
         return result
     return _prepare_dataset(data, tokenizer, progress, chunk_size)
+
+
+def check_data_settings(data: DataConfig) -> None:
+    """What can be refused about ``data`` before any text is read (a run calls this first)."""
+    check_kind(data.tokenizer)
+    if data.tokenizer == "bpe":
+        check_bpe_vocab_size(data.bpe_vocab_size)
 
 
 def _prepare_dataset(data: DataConfig, tokenizer: Optional[Tokenizer], progress: bool,

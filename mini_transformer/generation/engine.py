@@ -460,7 +460,7 @@ def check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
     """Prompts as lists of ints, checked against the model's vocabulary; warns
     (:class:`PromptTruncatedWarning`) about one longer than the context."""
     if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}; 0 returns the prompts unchanged")
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     rows = [p.tolist() if isinstance(p, torch.Tensor) else [int(t) for t in p] for p in prompts]
@@ -473,7 +473,7 @@ def check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
         bad = [t for t in row if not 0 <= t < vocab]
         if bad:
             raise UserError(f"prompt {i} has token ids {bad[:5]} outside the model's vocabulary of {vocab}; "
-                            "the tokenizer does not match the checkpoint")
+                            "the tokenizer does not match the checkpoint: encode with the tokenizer saved with it")
         if len(row) > block:
             warnings.warn(f"prompt {i} has {len(row)} tokens, more than the context of {block}; "
                           f"only its last {block} tokens are used", PromptTruncatedWarning, stacklevel=4)

@@ -17,12 +17,17 @@ Every filter works on a (B, V) batch and sets removed logits to ``-inf``. Sampli
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..errors import UserError
+
+
+_TYPICAL = {"temperature": "use 0 for greedy, 0.8 for balanced", "top_p": "try 0.9", "min_p": "try 0.05",
+            "repetition_penalty": "1.0 disables it, try 1.1"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Library terms; the command line names its own flags when it reports these.
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):  # nan passes every comparison below
+                raise UserError(f"{name} must be a finite number, got {value}; "
+                                f"{_TYPICAL[name]}")
         if self.temperature < 0:
             raise UserError(f"temperature must be >= 0, got {self.temperature}; use 0 for greedy, 0.8 for balanced")
         if self.top_k is not None and self.top_k <= 0:

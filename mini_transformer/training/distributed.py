@@ -68,8 +68,8 @@ def planned_world_size(cfg: TrainingConfig) -> int:
     if cfg.distributed == "none":
         if world_size > 1:
             raise UserError(f"training.distributed is none but torchrun started {world_size} processes, which "
-                            "would train independent copies into one out_dir; use distributed auto/ddp/fsdp, "
-                            "or python")
+                            "would train independent copies into one out_dir; set training.distributed to auto, "
+                            "ddp or fsdp, or run with python instead of torchrun")
         return 1
     return world_size
 

@@ -28,9 +28,10 @@ import torch.distributed as dist
 
 from .. import checkpoint as ckpt
 from ..config import Config, ModelConfig, TrainingConfig
-from ..data import PreparedData, RandomBatchSampler, check_split_lengths, iter_sequential_batches, prepare_dataset
+from ..data import (PreparedData, RandomBatchSampler, check_data_settings, check_split_lengths, iter_sequential_batches,
+                    prepare_dataset)
 from ..device import allow_tf32_on_cuda, autocast, dtype_name, resolve_device, resolve_dtype, restore_tf32
-from ..errors import SettingError, UserError
+from ..errors import SettingError, UserError, first_line
 from ..interop.hf.importer import hf_model_config, hf_provenance, is_hf_directory, read_hf_tokenizer, read_hf_weights
 from ..lora import apply_lora, base_weights_hash, lora_parameter_counts, save_adapter
 from ..model import Transformer
@@ -200,6 +201,8 @@ class Trainer:
         model (fresh, or a base checkpoint's weights); LoRA; the wrapping (compile, DDP or
         FSDP); the optimizer; then, when resuming, all of the checkpoint's state."""
         seed_everything(self.t.seed)
+        if not (self.resume or self.t.init_from):  # else the tokenizer is the checkpoint's
+            check_data_settings(self.config.data)
         if self.dist.is_main:  # one writer per run directory, locked before anything is written there
             self._run_lock = acquire_run_lock(self.out_dir)
             ckpt.remove_stale_pointer_temps(self.out_dir)  # a killed run's, safe to remove under the lock
@@ -335,18 +338,22 @@ class Trainer:
         weights = ckpt.read_weights(directory / ckpt.WEIGHTS_FILE)
         # Into the wrapped model: under FSDP each rank keeps its shard of the full weights.
         ckpt.load_weights_into(self.model, shard_full_state(self.model, weights, self.dist), directory)
-        state = ckpt.read_train_state(directory)
-        load_full_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
-        self.scaler.load_state_dict(state["scaler"])
-        self.train_sampler.load_state_dict(state["sampler"])
-        self.step = int(state["step"])
-        self.best_val_loss = state.get("best_val_loss")
-        rngs = state["rng"]
-        if isinstance(rngs, list) and self.dist.rank >= len(rngs):  # more ranks than the saving run had
-            set_rng_state(rngs[0])
-            torch.manual_seed(self.t.seed + self.dist.rank + 1_000_003 * self.step)
-        else:
-            set_rng_state(rngs[self.dist.rank] if isinstance(rngs, list) else rngs)
+        state = ckpt.read_train_state(directory, required=("step", "optimizer", "scaler", "sampler", "rng"))
+        try:
+            load_full_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
+            self.scaler.load_state_dict(state["scaler"])
+            self.train_sampler.load_state_dict(state["sampler"])
+            self.step = int(state["step"])
+            self.best_val_loss = state.get("best_val_loss")
+            rngs = state["rng"]
+            if isinstance(rngs, list) and self.dist.rank >= len(rngs):  # more ranks than the saving run had
+                set_rng_state(rngs[0])
+                torch.manual_seed(self.t.seed + self.dist.rank + 1_000_003 * self.step)
+            else:
+                set_rng_state(rngs[self.dist.rank] if isinstance(rngs, list) else rngs)
+        except (KeyError, ValueError, TypeError, IndexError) as exc:  # right keys, wrong contents
+            raise ckpt.not_resumable(directory / ckpt.STATE_FILE, f"{type(exc).__name__}: {first_line(exc, 120)}") \
+                from None
         self._say(f"resumed from {directory} at step {self.step}")
 
     def _open_outputs(self, resumed: bool) -> None:
@@ -709,7 +716,11 @@ def _refuse_to_overwrite(out_dir: Path) -> None:
 # memory by the same code as `mini-transformer import` (mini_transformer/interop/hf/importer.py).
 
 def _resolve_base(init_from: str) -> Path:
-    return Path(init_from) if is_hf_directory(init_from) else ckpt.resolve_checkpoint(init_from, prefer="best")
+    if is_hf_directory(init_from):
+        return Path(init_from)
+    directory = ckpt.resolve_checkpoint(init_from, prefer="best")
+    ckpt.refuse_quantized_base(directory)
+    return directory
 
 
 def _base_model_config(directory: Path, block_size: int) -> ModelConfig:
@@ -730,8 +741,8 @@ def _base_provenance(directory: Path) -> dict[str, Any]:
 
 
 def _base_tokenizer(directory: Path, vocab_size: Optional[int]):
-    if not is_hf_directory(directory):
-        return ckpt.load_tokenizer_from(directory)
+    if not is_hf_directory(directory):  # checked against the checkpoint's own model
+        return ckpt.load_tokenizer_from(directory, ckpt.read_config(directory).model.vocab_size)
     return read_hf_tokenizer(directory, vocab_size)  # its ids must fit the model's embedding
 
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, make_dirs
 
 
 class MetricsLogger:
@@ -23,7 +23,7 @@ class MetricsLogger:
 
     def __init__(self, out_dir: Path, tensorboard: bool = True, resume_step: Optional[int] = None):
         self.path = Path(out_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         if resume_step is not None:
             self._truncate_after(resume_step)
         elif self.path.exists():

@@ -123,7 +123,7 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     hf_state = to_hf_state_dict(base_state, config.model)
     del model, base_state
 
-    tokenizer = load_tokenizer_from(directory)
+    tokenizer = load_tokenizer_from(directory, config.model.vocab_size)
     dtype = _dtype_name(hf_state[TOP_LEVEL_KEYS["tok_emb.weight"]].dtype)
     context = exported_context(config.model, directory)
     # Only a tokenizer imported from Hugging Face has a pad token (pad_id); ours have none.

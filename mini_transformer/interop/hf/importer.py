@@ -103,7 +103,8 @@ def architecture_of(hf: Mapping[str, Any], source: str) -> str:
     model_type = hf.get("model_type", MODEL_TYPE[architecture])
     if model_type != MODEL_TYPE[architecture]:
         raise UserError(f"{source}: model_type {model_type!r} does not match architecture {architecture} "
-                        f"(expected {MODEL_TYPE[architecture]!r}); the config is inconsistent")
+                        f"(expected {MODEL_TYPE[architecture]!r}); the config is inconsistent: fix model_type in "
+                        f"{HF_CONFIG_FILE} or download the model again")
     return architecture
 
 
@@ -154,9 +155,10 @@ def _bias(hf: Mapping[str, Any], architecture: str, source: str) -> bool:
 def _positive_int(hf: Mapping[str, Any], key: str, source: str) -> int:
     value = hf.get(key)
     if value is None:
-        raise UserError(f"{source} has no {key}; the config is incomplete")
+        raise UserError(f"{source} has no {key}; the config is incomplete: download the model again")
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise UserError(f"{source}: {key}={json.dumps(value)} must be a positive integer; the config is damaged")
+        raise UserError(f"{source}: {key}={json.dumps(value)} must be a positive integer; the config is damaged: "
+                        "download the model again")
     return value
 
 
@@ -237,7 +239,7 @@ class HFWeights(Mapping[str, torch.Tensor]):
             for name in _open(path, lambda f: list(f.keys())):
                 if name in self._file_of:
                     raise UserError(f"{self.directory}: weight {name} is in both {self._file_of[name].name} and "
-                                    f"{path.name}; the directory is damaged")
+                                    f"{path.name}; the directory is damaged: download the model again")
                 self._file_of[name] = path
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -271,7 +273,7 @@ def _weight_files(directory: Path) -> list[Path]:
         missing = [path.name for path in files if not path.is_file()]
         if missing:
             raise UserError(f"{directory} lacks the shard {missing[0]} that {HF_WEIGHTS_INDEX_FILE} lists; "
-                            "the download is incomplete")
+                            "the download is incomplete: download the model again")
         return files
     single = directory / HF_WEIGHTS_FILE
     if single.is_file():
@@ -281,7 +283,7 @@ def _weight_files(directory: Path) -> list[Path]:
                         "that we never load; convert it with transformers: AutoModelForCausalLM.from_pretrained(DIR)"
                         ".save_pretrained(NEW_DIR) (safetensors is its default)")
     raise UserError(f"{directory} has no {HF_WEIGHTS_FILE} (or {HF_WEIGHTS_INDEX_FILE}); "
-                    "the directory holds no weights")
+                    "the directory holds no weights: download them (model.safetensors) into it")
 
 
 def _open(path: Path, use):

@@ -236,7 +236,7 @@ def from_hf_state_dict(hf_state: Mapping[str, torch.Tensor], config: ModelConfig
         missing = [name for name in names if name not in hf_state]
         if missing:
             raise UserError(f"the Hugging Face weights lack {missing[0]}; the directory is incomplete or "
-                            "of another architecture")
+                            "of another architecture: download the model again, or import a Llama-like one")
         pieces = [hf_state[name] for name in names]
         out[key] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
         used.update(names)
@@ -251,5 +251,5 @@ def from_hf_state_dict(hf_state: Mapping[str, torch.Tensor], config: ModelConfig
     left = sorted(name for name in hf_state if name not in used and not name.endswith(IGNORED_HF_SUFFIXES))
     if left:
         raise UserError(f"the Hugging Face weights have {left[0]}, which the model does not; the config and "
-                        "the weights disagree")
+                        "the weights disagree: download the model again")
     return out

@@ -37,7 +37,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from ...atomic import atomic_write_text
+from ...atomic import atomic_write_text, make_dirs
 from ...errors import UserError, first_line
 from ...tokenizer import (EOT, FORMAT, HF_TOKEN_ROLES, BPETokenizer, ByteTokenizer, CharTokenizer,
                           GPT2Tokenizer, HFTokenizer, Tokenizer, import_tokenizers)
@@ -213,7 +213,7 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike,
     needed; it must not be one of our checkpoints (our ``tokenizer.json`` has the same name).
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dirs(directory)
     backend = build_hf_tokenizer(tokenizer)
     config = hf_tokenizer_config(tokenizer, backend, model_max_length)
     special_map = {role: text for role, text in _named_tokens(tokenizer).items() if text is not None}

@@ -7,6 +7,10 @@ PY     := $(VENV)/bin/python
 #   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# pytest-xdist processes for `make test`: many tests wait on subprocesses (torchrun, the CLI, a
+# server), so two workers finish sooner even on 2 cores; each test module stays on one worker
+# (--dist loadscope) so its module-scoped fixtures are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: venv test test-fast test-gpu demo bench clean
 
@@ -22,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 # `test-fast` leaves out the `slow` tests (processes, compiling, many training or sampling steps:
 # under 2 minutes on 2 CPUs); `test-gpu` runs only the CUDA tests, which skip, saying why, without a GPU.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

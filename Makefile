@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast test-gpu demo bench clean
+.PHONY: venv test test-fast test-gpu demo bench llamacpp clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/mini-transformer bench
+
+# llama.cpp (llama-cpp-python, compiled from source: minutes) for the GGUF checks in
+# tests/test_gguf.py, which skip without it, and for `bench --compare llamacpp`.
+llamacpp: $(STAMP)
+	$(PY) -m pip install -q -e ".[llamacpp]"
 
 clean:
 	rm -rf $(VENV) out data/cache

@@ -48,11 +48,14 @@ def check_gguf_exportable(config: ModelConfig) -> None:
     """Raise a one-line :class:`UserError` unless a llama.cpp architecture computes what ``config`` does."""
     if config.vocab_size is None:
         raise UserError("the model config has no vocab_size; export a trained checkpoint")
+    reason = None
     if config.norm not in ARCHITECTURE_OF_NORM:
-        raise UserError(f"norm {config.norm!r} has no llama.cpp architecture; exportable: {EXPORTABLE}")
-    if config.norm == "layernorm" and config.bias:
-        raise UserError("norm: layernorm with bias: true has no llama.cpp architecture (stablelm has no bias on "
-                        f"attn_output and the FFN); exportable: {EXPORTABLE}")
+        reason = f"norm {config.norm!r} has no llama.cpp architecture"
+    elif config.norm == "layernorm" and config.bias:
+        reason = ("norm: layernorm with bias: true has no llama.cpp architecture (stablelm has no bias on "
+                  "attn_output and the FFN)")
+    if reason is not None:
+        raise UserError(f"{reason}; exportable: {EXPORTABLE}")
 
 
 # -- metadata --------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ def greedy(llm: Any, ids: Sequence[int], max_new_tokens: int) -> list[int]:
     out: list[int] = []
     if max_new_tokens <= 0:
         return out
+    llm.reset()  # an empty KV-cache: llama-cpp-python would otherwise reuse a cached prompt prefix
     for token in llm.generate(list(ids), temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
         if llama_cpp.llama_vocab_is_eog(vocab, token):
             break

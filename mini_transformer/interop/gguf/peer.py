@@ -52,7 +52,6 @@ def compare_with_llamacpp(preset: str, *, block_size: Optional[int] = None, gen_
         ours_generate = our_generation_fn(ours, prompt, gen_tokens)
 
         def peer_generate() -> None:
-            llm.reset()  # an empty cache: no prompt reuse between runs
             out = llamacpp.greedy(llm, prompt, gen_tokens)
             assert len(out) == gen_tokens
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from mini_transformer.checkpoint import load_model, load_tokenizer_from, save_inference_checkpoint
+from mini_transformer.checkpoint import load_model, save_inference_checkpoint
 from mini_transformer.config import Config, ModelConfig
 from mini_transformer.generation import generate
 from mini_transformer.interop.gguf.layout import rope_unpermute
@@ -39,7 +39,10 @@ KINDS = ("char", "byte", "bpe", "gpt2")
 
 
 @pytest.fixture
-def tokenizers_by_kind(bpe, gpt2) -> dict[str, Tokenizer]:
+def tokenizers_by_kind(bpe, gpt2, monkeypatch) -> dict[str, Tokenizer]:
+    # The gpt2 kind is a small GPT-2-shaped tiktoken encoding (GPT-2's own needs a download); the
+    # export loads the checkpoint's tokenizer again, so tiktoken must keep finding it.
+    monkeypatch.setattr(pytest.importorskip("tiktoken"), "get_encoding", lambda name: gpt2.encoding)
     return {"char": CharTokenizer.from_text(CORPUS + PROMPT), "byte": ByteTokenizer(), "bpe": bpe, "gpt2": gpt2}
 
 
@@ -200,9 +203,9 @@ def test_vocabulary_encodes_like_ours(tokenizers_by_kind):
         vocab = gguf_vocab(tok)
         ids = {t: i for i, t in enumerate(vocab.tokens)}
         merges = [tuple(m.split(" ")) for m in vocab.merges]
-        # tokenizers wants every merge's parts in the vocabulary (llama.cpp does not): a char
-        # vocabulary's character prefixes get ids past the end, which no text of ours may produce.
-        for part in (p for merge in merges for p in merge):
+        # tokenizers wants every merge's parts and result in the vocabulary (llama.cpp does not): a
+        # char vocabulary's character prefixes get ids past the end, which no text of ours may produce.
+        for part in (p for left, right in merges for p in (left, right, left + right)):
             ids.setdefault(part, len(ids))
         bpe_model = tk.models.BPE(vocab=ids, merges=merges)
         backend = tk.Tokenizer(bpe_model)
@@ -276,12 +279,13 @@ def llamacpp():
 def test_llamacpp_tokenizes_and_detokenizes_as_we_do(tmp_path, run_cli, tokenizers_by_kind, llamacpp, kind):
     tok = tokenizers_by_kind[kind]
     checkpoint, _ = make_checkpoint(tmp_path / "ck", tok)
-    llm = llamacpp.load_llama(export(run_cli, checkpoint, tmp_path / "m.gguf"), n_ctx=64)
+    llm = llamacpp.load_llama(export(run_cli, checkpoint, tmp_path / "m.gguf"), n_ctx=64, threads=1)
     texts = [t for t in TEXTS + [CORPUS, "x .y , z ! ' it 's"] if kind != "char" or set(t) <= set(tok.chars)]
     for text in texts:
         ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
         assert ids == tok.encode(text), text
-        assert llm.detokenize(ids).decode("utf-8") == text
+        assert llm.detokenize(ids).decode("utf-8") == text  # token pieces joined
+        assert llamacpp.detokenize(llm, ids) == text  # llama_detokenize (no space clean-up, see vocab.PRE)
 
 
 @pytest.mark.parametrize("kind,norm,n_kv_heads,tie,bias", [
@@ -298,7 +302,8 @@ def test_llamacpp_logits_and_greedy_tokens_equal_ours(tmp_path, run_cli, tokeniz
     tok = tokenizers_by_kind[kind]
     checkpoint, config = make_checkpoint(tmp_path / "ck", tok, norm=norm, n_kv_heads=n_kv_heads, tie=tie, bias=bias)
     model = load_model(checkpoint, "cpu").eval()
-    llm = llamacpp.load_llama(export(run_cli, checkpoint, tmp_path / "m.gguf"), n_ctx=64, logits_all=True)
+    llm = llamacpp.load_llama(export(run_cli, checkpoint, tmp_path / "m.gguf"), n_ctx=64, threads=1,
+                              logits_all=True)
     ids = tok.encode(PROMPT)
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].numpy()
@@ -324,7 +329,7 @@ def test_llamacpp_runs_a_char_model_past_token_11(tmp_path, run_cli, llamacpp):
     ours = generate(model, ids, max_new_tokens=NEW_TOKENS, temperature=0.0)
     assert 11 in ours and len(ours) == NEW_TOKENS  # the test's premise
 
-    llm = llamacpp.load_llama(export(run_cli, checkpoint, tmp_path / "m.gguf"), n_ctx=128)
+    llm = llamacpp.load_llama(export(run_cli, checkpoint, tmp_path / "m.gguf"), n_ctx=128, threads=1)
     completion = llm.create_completion(ids, max_tokens=NEW_TOKENS, temperature=0.0, top_k=1, repeat_penalty=1.0)
     assert completion["choices"][0]["finish_reason"] == "length"
     assert completion["choices"][0]["text"] == tok.decode(ours)

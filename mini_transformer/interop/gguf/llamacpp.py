@@ -32,13 +32,15 @@ def import_llama_cpp():
 
 def load_llama(path: str | os.PathLike, *, n_ctx: int, threads: Optional[int] = None,
                logits_all: bool = False) -> Any:
-    """A ``llama_cpp.Llama`` for the file, on the CPU, quiet. ``logits_all`` keeps the logits of
-    every position (needed by :func:`prompt_logits` and :func:`window_loss`)."""
+    """A ``llama_cpp.Llama`` for the file, on the CPU, quiet, its KV-cache in float32 as ours is
+    (llama.cpp's default, float16, moves logits by about 1e-3). ``logits_all`` keeps the logits
+    of every position (needed by :func:`prompt_logits` and :func:`window_loss`)."""
     llama_cpp = import_llama_cpp()
     threads = threads or os.cpu_count() or 1
     with _quiet():
         return llama_cpp.Llama(model_path=str(Path(path)), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                                n_threads=threads, n_threads_batch=threads, n_gpu_layers=0,
+                               type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
                                logits_all=logits_all, verbose=False)
 
 
@@ -47,6 +49,22 @@ def prompt_logits(llm: Any, ids: Sequence[int]) -> np.ndarray:
     llm.reset()
     llm.eval(list(ids))
     return np.array(llm.scores[:len(ids)], dtype=np.float32)
+
+
+def detokenize(llm: Any, ids: Sequence[int]) -> str:
+    """Text of ``ids`` by llama.cpp's own ``llama_detokenize`` (what its server and tools decode
+    with; ``Llama.detokenize`` joins token pieces in Python instead)."""
+    import ctypes
+
+    llama_cpp = import_llama_cpp()
+    tokens = (llama_cpp.llama_token * len(ids))(*ids)
+    size = 64 + 8 * len(ids)
+    while True:
+        buffer = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_detokenize(llm._model.vocab, tokens, len(ids), buffer, size, False, False)
+        if n >= 0:
+            return buffer.raw[:n].decode("utf-8", errors="replace")
+        size = -n  # too small: llama.cpp says how much it needs
 
 
 def greedy(llm: Any, ids: Sequence[int], max_new_tokens: int) -> list[int]:

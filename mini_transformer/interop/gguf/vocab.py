@@ -12,7 +12,8 @@ kind      tokens and merges
 ``char``  each character, spelled byte-level; merges only inside a multi-byte character (its
           bytes, left to right), so every merge builds a prefix of one character and no piece
           ever grows past it; an added ``<|endoftext|>`` (see below)
-``byte``  the 256 byte symbols, no merges, ``<|endoftext|>`` = 256
+``byte``  the 256 byte symbols, ``<|endoftext|>`` = 256, and one merge that never applies
+          (llama.cpp needs at least one)
 ``bpe``   our ``tokenizers`` vocabulary and merges, unchanged (byte-level already)
 ``gpt2``  tiktoken's ranks spelled byte-level, the merges they imply (as for Hugging Face)
 ========  ===========================================================================================
@@ -47,6 +48,11 @@ PRE = "trillion"
 TOKENIZER_MODEL = "gpt2"
 SUPPRESS_TOKENS_KEY = "tokenizer.ggml.suppress_tokens"  # no constant for it in the gguf package yet
 
+# llama.cpp refuses a gpt2 vocabulary without merges, and the gguf writer leaves an empty array
+# out: a vocabulary with none (byte, an ASCII char set) gets this one, which can never apply, as
+# byte 0xFF never occurs in UTF-8 text.
+UNUSED_MERGE = "ÿ ÿ"
+
 # llama.cpp's token types (gguf.TokenType), as plain ints so that this module needs no gguf.
 NORMAL = 1
 CONTROL = 3
@@ -66,6 +72,13 @@ class GGUFVocab:
 
 def gguf_vocab(tokenizer: Tokenizer) -> GGUFVocab:
     """``tokenizer`` as a byte-level BPE vocabulary that llama.cpp tokenizes exactly as we do."""
+    vocab = _vocab(tokenizer)
+    if not vocab.merges:
+        vocab.merges = [UNUSED_MERGE]
+    return vocab
+
+
+def _vocab(tokenizer: Tokenizer) -> GGUFVocab:
     if isinstance(tokenizer, CharTokenizer):
         return _char_vocab(tokenizer.chars)
     if isinstance(tokenizer, ByteTokenizer):

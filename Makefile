@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 # (--dist loadscope) so its module-scoped fixtures are built once.
 TEST_WORKERS ?= 2
 
-.PHONY: venv test test-fast test-gpu demo bench clean
+.PHONY: venv test test-fast test-gpu demo bench llamacpp clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/mini-transformer bench
+
+# llama.cpp (llama-cpp-python, compiled from source: minutes) for the GGUF checks in
+# tests/test_gguf.py, which skip without it, and for `bench --compare llamacpp`.
+llamacpp: $(STAMP)
+	$(PY) -m pip install -q -e ".[llamacpp]"
 
 # What the commands made: the venv, runs and checkpoints (out/, out-*/), the prepared-data cache,
 # benchmark output, Python's caches and build files. Your own files in data/ (data/input.txt,

@@ -13,6 +13,7 @@ EXAMPLES = """\
   mini-transformer bench --presets tiny small --dtype fp32 --no_memory
   mini-transformer bench --compare hf                     # ours vs transformers' LlamaForCausalLM
   mini-transformer bench --compare hf --presets small --dtype bf16
+  mini-transformer bench --compare llamacpp               # ours vs llama.cpp decoding the same weights (GGUF)
   mini-transformer bench --profile --presets small        # Chrome trace + top operators
 """
 
@@ -45,7 +46,9 @@ def register(subparsers) -> None:
                         help="torch.compile our training step and our decode step")
     add_flag(parser, "--no_memory", "--no-memory", dest="memory", action="store_false",
                         help="skip the peak-memory measurements (each runs in a fresh process)")
-    parser.add_argument("--compare", choices=["hf"], help="also time Hugging Face LlamaForCausalLM")
+    parser.add_argument("--compare", choices=["hf", "llamacpp"],
+                        help="also time a peer: hf, Hugging Face LlamaForCausalLM; llamacpp, llama.cpp's greedy "
+                             "decoding of the same weights exported to GGUF (fp32, needs llama-cpp-python)")
     parser.add_argument("--profile", action="store_true",
                         help="write a torch.profiler Chrome trace of a few training steps and print top ops")
     parser.add_argument("--out", default="bench_out", metavar="DIR", help="where markdown and JSON go")
@@ -72,6 +75,8 @@ def run(args, overrides: list[str]) -> int:
                                            dtype_spec=args.dtype, device_spec=args.device)
             print(f"\n{preset}: Chrome trace written to {trace} (open in chrome://tracing or Perfetto)\n{table}")
         return 0
+    if args.compare == "llamacpp":
+        return _compare_llamacpp(args, out, machine)
     # The table's header comes first and each row as soon as it is measured: a preset can take
     # minutes, and the reader sees what is being measured from the start.
     if args.compare:
@@ -112,3 +117,23 @@ def finish(out: Path, name: str, table: str, notes: list[str | None], rows: list
     if notes:
         print("\n" + "\n".join(notes), flush=True)
     bench.write_results(out, name, "\n\n".join([table, *notes]), rows, machine)
+
+
+def _compare_llamacpp(args, out: Path, machine: str) -> int:
+    from .. import benchmark as bench
+    from ..errors import UserError
+    from ..interop.gguf.peer import compare_with_llamacpp, llamacpp_table
+
+    if args.dtype not in ("auto", "fp32") or args.device not in ("auto", "cpu"):
+        raise UserError("bench --compare llamacpp runs on the CPU in fp32 (an f32 GGUF file); "
+                        "leave out --dtype and --device or set them to fp32 and cpu")
+    rows = []
+    for preset in args.presets or ["tiny", "small"]:
+        rows.append(compare_with_llamacpp(preset, block_size=args.block_size, gen_tokens=args.gen_tokens))
+        print(llamacpp_table(rows[-1:]).splitlines()[-1], flush=True)
+    table = llamacpp_table(rows)
+    print(f"\nours vs llama.cpp, batch-1 greedy decoding of the same weights (an f32 GGUF export), "
+          f"{rows[0]['prompt_tokens']}-token prompt, {rows[0]['gen_tokens']} new tokens; "
+          f"ratio = our speed / llama.cpp's\n\n{table}")
+    bench.write_results(out, "compare_llamacpp", table, rows, machine)
+    return 0

@@ -106,7 +106,7 @@ def export_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     if separate_adapter:
         _check_target(adapter_path, directory, "the adapter")
 
-    model, notices = _load(directory, config, adapter=adapter, dequantize=dequantize)
+    model, notices = load_export_model(directory, config, adapter=adapter, dequantize=dequantize)
     settings = lora_settings(model)
     if adapter_format == "peft" and settings is None:
         raise UserError(f"{directory} has no LoRA adapter to write in PEFT format; export it merged, "
@@ -162,9 +162,12 @@ def exported_context(config: ModelConfig, directory: Path) -> int:
 
 # -- loading ---------------------------------------------------------------------------------------
 
-def _load(directory: Path, config: Config, *, adapter: Optional[str | os.PathLike],
-          dequantize: bool) -> tuple[Transformer, list[str]]:
-    """The checkpoint's model in full precision on the CPU (with its adapters), and notices."""
+def load_export_model(directory: Path, config: Config, *, adapter: Optional[str | os.PathLike],
+                      dequantize: bool, target: str = "the Hugging Face classes") -> tuple[Transformer, list[str]]:
+    """The checkpoint's model in full precision on the CPU (with its adapters), and notices.
+
+    ``target``: what the export writes, named in the refusal of a quantized checkpoint (which
+    needs ``dequantize``)."""
     notices: list[str] = []
     meta = read_quantization_meta(directory)
     if meta is None:
@@ -172,7 +175,7 @@ def _load(directory: Path, config: Config, *, adapter: Optional[str | os.PathLik
     else:
         detail = f"{meta.get('mode')}" + (f", group size {meta['group_size']}" if meta.get("group_size") else "")
         if not dequantize:
-            raise SettingError(f"{directory} is quantized ({detail}) and the Hugging Face classes hold "
+            raise SettingError(f"{directory} is quantized ({detail}) and {target} hold "
                                "full-precision weights; export the checkpoint it was quantized from, or "
                                "dequantize it to write float32 weights", fixes=[{"dequantize": ""}])
         model = dequantized_model(load_quantized(directory, config.model), config.model)

@@ -50,8 +50,12 @@ def main() -> None:
         for outtype in OUTTYPES:
             path = export_gguf(directory, Path(tmp) / f"{outtype}.gguf", outtype=outtype).path
             llm = llamacpp.load_llama(path, n_ctx=block, threads=args.threads, logits_all=True)
-            rows.append(("llama.cpp", outtype, "f32", llamacpp.window_loss(llm, data.val, block),
-                         path.stat().st_size))
+            # Over our vocabulary (a char model's added end-of-text token would take some probability).
+            loss = llamacpp.window_loss(llm, data.val, block, vocab_size=config.model.vocab_size)
+            rows.append(("llama.cpp", outtype, "f32", loss, path.stat().st_size))
+            if outtype == "f32" and llm.n_vocab() > config.model.vocab_size:
+                rows.append(("llama.cpp, all tokens", outtype, "f32", llamacpp.window_loss(llm, data.val, block),
+                             path.stat().st_size))
             llm.close()
     base = rows[0][3]
     print(f"checkpoint {directory}, {len(data.val):,} val tokens in windows of {block}\n")

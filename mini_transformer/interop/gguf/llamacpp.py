@@ -85,9 +85,13 @@ def greedy(llm: Any, ids: Sequence[int], max_new_tokens: int) -> list[int]:
     return out
 
 
-def window_loss(llm: Any, tokens: np.ndarray, block_size: int) -> float:
+def window_loss(llm: Any, tokens: np.ndarray, block_size: int, vocab_size: Optional[int] = None) -> float:
     """Mean cross-entropy over ``tokens`` cut into windows of ``block_size`` (each from an empty
-    context, every position predicting the next token): the windows ours evaluates on."""
+    context, every position predicting the next token): the windows ours evaluates on.
+
+    ``vocab_size``: score over the first ``vocab_size`` logits only, leaving out tokens the file
+    adds after our vocabulary (a char vocabulary's end-of-text), so that the distribution is ours.
+    """
     total, count = 0.0, 0
     step = block_size
     for start in range(0, len(tokens) - 1, step):
@@ -95,7 +99,7 @@ def window_loss(llm: Any, tokens: np.ndarray, block_size: int) -> float:
         if len(window) < 2:
             break
         x, y = window[:-1], window[1:]
-        logits = prompt_logits(llm, x.tolist()).astype(np.float64)
+        logits = prompt_logits(llm, x.tolist())[:, :vocab_size].astype(np.float64)
         top = logits.max(axis=1, keepdims=True)
         log_z = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
         total += float((log_z - logits[np.arange(len(y)), y]).sum())

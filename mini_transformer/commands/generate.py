@@ -22,8 +22,10 @@ from .common import add_command, add_setting_flags, with_flags
 # The session (and through it torch) and yaml are imported when the command runs, not when its
 # parser is built: `mini-transformer --help` stays fast.
 if TYPE_CHECKING:
+    import torch
+
     from ..generation import SpeculativeStats
-    from ..session import InvalidSetting, Prompt, Session, TextStream
+    from ..session import InvalidSetting, Prompt, Session, Settings, TextStream
 
 EXAMPLES = """\
   python generate.py --prompt "Once upon a time" --max_tokens 200
@@ -80,6 +82,9 @@ def register(subparsers) -> None:
     model.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (from finetune) to apply to the checkpoint")
     model.add_argument("--quantize", choices=["int8", "int4"],
                        help="quantize the weights on load (same as --advanced.quantize)")
+    model.add_argument("--force", action="store_true",
+                       help="skip the check that refuses a generation whose weights and KV-caches exceed the "
+                            "device's memory")
     extras = parser.add_argument_group("speculative decoding and attention maps")
     extras.add_argument("--draft_checkpoint", metavar="DIR",
                         help="a small draft model with the same tokenizer: speculative decoding")
@@ -92,7 +97,8 @@ def register(subparsers) -> None:
                         help="where --log_attention writes (default: attention)")
     parser.set_defaults(run=run, accepts_overrides=True)
     add_setting_flags(parser, {**{name: f"--{name}" for name in SETTING_FLAGS},
-                               "group_size": "--advanced.quantize_group_size", "device": "--device"})
+                               "group_size": "--advanced.quantize_group_size", "device": "--device",
+                               "force": "--force"})
 
 
 # -- flags and config ------------------------------------------------------------------------
@@ -191,14 +197,15 @@ def note(message: str) -> None:
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     check_flags(args)
-    session, advanced = open_session(args, overrides)
+    texts = read_prompts(args.prompts_file) if args.prompts_file else []
+    session, advanced = open_session(args, overrides, prompts=len(texts) or 1)
     log_attention = args.log_attention or advanced.log_attention
     if log_attention and (args.interactive or args.prompts_file):
         note("attention maps are logged for --prompt only")
     if args.interactive:
         return interactive(session)
     if args.prompts_file:
-        return print_batch(session, read_prompts(args.prompts_file), args.stream)
+        return print_batch(session, texts, args.stream)
     text = args.prompt or ""
     prompt = session.encode(text)
     for message in prompt.notices:
@@ -209,8 +216,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def open_session(args: argparse.Namespace, overrides: list[str]) -> tuple[Session, AdvancedConfig]:
-    """Load the checkpoint (and the draft, if any) with the settings of every source."""
+def open_session(args: argparse.Namespace, overrides: list[str], prompts: int = 1) -> tuple[Session, AdvancedConfig]:
+    """Load the checkpoint (and the draft, if any) with the settings of every source, for
+    ``prompts`` prompts at a time; unless ``--force``, refuse first what cannot fit the device."""
     from ..checkpoint import load_for_inference, read_config, resolve_checkpoint
     from ..device import allow_tf32_on_cuda, inference_dtype, resolve_device
     from ..session import Session, Settings
@@ -228,12 +236,15 @@ def open_session(args: argparse.Namespace, overrides: list[str]) -> tuple[Sessio
     # The model (and a LoRA run's adapters) is built from the checkpoint's own config; only how
     # to quantize it comes from the merged one.
     advanced = config.advanced
+    draft_dir = args.draft_checkpoint or (advanced.draft_checkpoint if advanced.speculative_sampling else None)
+    if not args.force:
+        check_memory(saved, directory, dtype, device, sequences_at_once(args, settings, prompts, bool(draft_dir)),
+                     draft_dir)
     model, _, tokenizer = load_for_inference(directory, device, adapter=args.adapter, dtype=dtype, config=saved,
                                              quantize=args.quantize or advanced.quantize,
                                              group_size=advanced.quantize_group_size,
                                              quantize_embedding=advanced.quantize_embedding)
     session = Session(model, tokenizer, settings)
-    draft_dir = args.draft_checkpoint or (advanced.draft_checkpoint if advanced.speculative_sampling else None)
     if advanced.speculative_sampling and not draft_dir:
         raise UserError("advanced.speculative_sampling is on but no draft model is set; "
                         "pass --draft_checkpoint DIR or set advanced.draft_checkpoint")
@@ -244,6 +255,40 @@ def open_session(args: argparse.Namespace, overrides: list[str]) -> tuple[Sessio
             note("--compile applies to plain decoding; speculative decoding runs uncompiled "
                  "(and so does its --compare_plain baseline, to compare like with like)")
     return session, advanced
+
+
+def sequences_at_once(args: argparse.Namespace, settings: Settings, prompts: int, speculative: bool) -> int:
+    """How many sequences one batch generates, each with its KV-cache: speculative decoding and the
+    interactive session run one; a prompts file all prompts x samples (print_batch), one prompt
+    its samples unless streamed (print_samples)."""
+    if speculative or args.interactive:
+        return 1
+    if args.prompts_file:
+        return prompts * settings.num_samples
+    return 1 if args.stream else settings.num_samples
+
+
+def check_memory(saved: Config, directory: Path, dtype: torch.dtype | None, device: torch.device, sequences: int,
+                 draft_dir: str | None) -> None:
+    """Refuse, before any weight loads, a generation whose weights, RoPE tables and KV-cache
+    (``sequences`` of the checkpoint's context each; the draft's too) exceed the device's memory."""
+    from ..checkpoint import WEIGHTS_FILE, read_config, resolve_checkpoint
+    from ..memory_check import generation_need, refuse_if_too_large
+
+    nbytes = dtype.itemsize if dtype is not None else 4  # None: the checkpoint's own fp32
+    need = generation_need(saved.model, sequences, nbytes, directory / WEIGHTS_FILE)
+    if draft_dir:
+        draft = resolve_checkpoint(draft_dir, prefer="best")
+        draft_need = generation_need(read_config(draft).model, 1, nbytes, draft / WEIGHTS_FILE)
+        need.update({f"draft {part}": n for part, n in draft_need.items()})
+    if need["KV-cache"] < need["weights"]:
+        fix = "load the weights in less memory with --dtype bf16 or --quantize int8"
+    elif sequences > 1:
+        fix = f"generate fewer sequences at once (--num_samples x prompts is {sequences})"
+    else:
+        fix = f"use a checkpoint with a shorter context (this one's block_size is {saved.model.block_size:,})"
+    what = f"generating {sequences:,} sequence{'s' if sequences > 1 else ''} at once"
+    refuse_if_too_large(what, need, device, fix)
 
 
 def print_samples(session: Session, text: str, prompt: Prompt, stream: bool, compare_plain: bool) -> list[int]:

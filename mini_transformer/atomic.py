@@ -18,9 +18,23 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from .errors import SettingError
+
 IfExists = Literal["error", "keep", "replace"]
 # Windows fsyncs only a handle opened for writing; POSIX any descriptor of the file.
 _FSYNC_OPEN_FLAGS = os.O_RDWR if os.name == "nt" else os.O_RDONLY
+
+
+def make_directory(path: str | os.PathLike, setting: str) -> Path:
+    """``mkdir -p path``, where the user chose ``path`` as the setting ``setting``: a path that cannot
+    be a directory (a file in its place or above it, no permission) is said in one line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingError(f"{setting} {path}: cannot make this directory ({exc.strerror or exc}); choose another",
+                           setting=setting) from None
+    return path
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:

@@ -36,6 +36,9 @@ from .errors import SettingError, UserError
 
 SECTIONS = ("model", "training", "data", "generation", "advanced")
 PRESETS_DIR = Path(__file__).parent / "configs"
+# Seeds are below 2**32, as numpy's legacy ones: the offsets added to them (a rank, a sample's
+# index, a resumed step) then stay far inside the 64 bits torch and numpy take.
+SEED_LIMIT = 2**32
 
 
 def default_ffn_hidden_size(d_model: int) -> int:
@@ -266,6 +269,8 @@ class Config:
         if not 0.0 < t.dropout_anneal_fraction <= 1.0:
             raise UserError(
                 f"training.dropout_anneal_fraction must be in (0, 1], got {t.dropout_anneal_fraction}")
+        if not 0 <= t.seed < SEED_LIMIT:
+            raise UserError(f"training.seed must be in [0, 2**32), got {t.seed}; any such integer, like 1337")
         if t.min_lr is not None and t.min_lr < 0:
             raise UserError(f"training.min_lr must be >= 0, got {t.min_lr}")
         for target in a.lora_targets:

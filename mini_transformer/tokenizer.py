@@ -54,6 +54,9 @@ FORMAT = "mini-transformer-tokenizer"
 FORMAT_VERSION = 1
 KINDS = ("char", "byte", "bpe", "gpt2")
 EOT = "<|endoftext|>"
+# The BPE trainer reserves memory for the whole vocabulary up front (141 GB for 2**31 entries,
+# an abort rather than an exception); 2**20 is four times the largest vocabularies in use.
+MAX_BPE_VOCAB_SIZE = 2**20
 
 
 class Tokenizer(ABC):
@@ -296,6 +299,9 @@ class BPETokenizer(_TokenizersBacked):
         if vocab_size < 257 + 1:
             raise SettingError(f"vocab_size for bpe must be at least 258 (256 bytes + 1 special), got {vocab_size}",
                                setting="vocab_size")
+        if vocab_size > MAX_BPE_VOCAB_SIZE:
+            raise SettingError(f"vocab_size for bpe must be at most {MAX_BPE_VOCAB_SIZE:,}, got {vocab_size:,}; "
+                               "the largest vocabularies in use have about 256k tokens", setting="vocab_size")
         tok = tk.Tokenizer(tk.models.BPE())
         tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = tk.decoders.ByteLevel()

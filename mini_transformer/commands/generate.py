@@ -98,7 +98,7 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run, accepts_overrides=True)
     add_setting_flags(parser, {**{name: f"--{name}" for name in SETTING_FLAGS},
                                "group_size": "--advanced.quantize_group_size", "device": "--device",
-                               "force": "--force"})
+                               "force": "--force", "attention_dir": "--attention_dir", "seed": "--seed"})
 
 
 # -- flags and config ------------------------------------------------------------------------
@@ -183,7 +183,12 @@ def read_prompts(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"prompts file {path!r} not found; write one prompt per line")
-    prompts = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"prompts file {path!r} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
+                        "save it as UTF-8") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompts file {path!r} has no prompts; write one prompt per line")
     return prompts
@@ -221,6 +226,7 @@ def open_session(args: argparse.Namespace, overrides: list[str], prompts: int = 
     ``prompts`` prompts at a time; unless ``--force``, refuse first what cannot fit the device."""
     from ..checkpoint import load_for_inference, read_config, resolve_checkpoint
     from ..device import allow_tf32_on_cuda, inference_dtype, resolve_device
+    from ..generation import resolve_context_keep
     from ..session import Session, Settings
 
     file_raw, override_raw = read_config_sections(args.config, overrides)
@@ -232,6 +238,7 @@ def open_session(args: argparse.Namespace, overrides: list[str], prompts: int = 
     saved = read_config(directory)
     config = merged_config(saved, file_raw, override_raw, args.config or "config")
     settings = Settings.from_config(config.generation, **flag_settings(args))
+    resolve_context_keep(settings.context_keep, saved.model.block_size)  # a bad one is refused before loading
     dtype = inference_dtype(args.dtype or config.generation.decode_dtype, device)
     # The model (and a LoRA run's adapters) is built from the checkpoint's own config; only how
     # to quantize it comes from the merged one.

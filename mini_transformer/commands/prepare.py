@@ -57,7 +57,7 @@ def register(subparsers) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
     add_setting_flags(parser, {"input": "--input", "dataset": "--dataset", "tokenizer": "--tokenizer",
-                               "vocab_size": "--vocab_size"})
+                               "vocab_size": "--vocab_size", "directory": "--out"})
 
 
 def _default_out(args) -> Path:

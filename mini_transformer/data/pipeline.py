@@ -34,7 +34,7 @@ from typing import Any, Optional
 import numpy as np
 from tqdm import tqdm
 
-from ..atomic import atomic_directory, atomic_write_text, fsync_dir
+from ..atomic import atomic_directory, atomic_write_text, fsync_dir, make_directory
 from ..config import DataConfig
 from ..errors import UserError
 from ..tokenizer import (BPETokenizer, ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
@@ -193,8 +193,7 @@ def write_prepared(sources: list[Source], out_dir: str | os.PathLike, *, tokeniz
     """Tokenize ``sources`` into ``out_dir`` (``tokenizer`` is a kind, or a ready Tokenizer to reuse)."""
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}; 0.1 is the default")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_directory(out_dir, "directory")
     with contextlib.suppress(FileNotFoundError):
         (out / META_FILE).unlink()  # the directory is incomplete until meta.json is rewritten
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else build_tokenizer(

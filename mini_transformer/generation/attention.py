@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, make_directory
 from ..errors import UserError
 from ..model import Transformer
 from .engine import check_inference_mode
@@ -44,8 +44,7 @@ def save_attention(
     ``T`` are used; the ids as text when None).
     """
     weights, ids = attention_weights(model, token_ids)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_directory(out_dir, "attention_dir")
     npz_path = out / f"{name}.npz"
     shown = [str(t) for t in ids] if labels is None else [str(s) for s in list(labels)[-len(ids):]]
     atomic_write(npz_path, lambda f: np.savez_compressed(

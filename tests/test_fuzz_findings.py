@@ -66,3 +66,19 @@ def test_a_huge_bpe_vocabulary_is_refused_before_the_trainer_reserves_it():
     pytest.importorskip("tokenizers")
     with pytest.raises(UserError, match="at most 1,048,576"):
         BPETokenizer.train(["hello world"], vocab_size=2**31)  # the trainer would abort the process
+
+
+def test_a_cache_dir_that_is_a_file(run_cli, tmp_path):
+    text = tmp_path / "input.txt"
+    text.write_text("hello world\n" * 20)
+    status, _, err = run_cli("train", "--quiet", "--data.path", str(text), "--data.cache_dir", str(text / "cache"),
+                             "--training.out_dir", str(tmp_path / "out"))
+    assert status == 2 and one_error_line(err).startswith(f"error: data.cache_dir {text / 'cache'}: cannot make")
+
+
+def test_a_huge_read_block_is_refused(run_cli, tmp_path):
+    text = tmp_path / "input.txt"
+    text.write_text("hello world\n" * 20)
+    status, _, err = run_cli("prepare", "--quiet", "--input", str(text), "--out", str(tmp_path / "p"),
+                             "--chunk_size", str(10**12))
+    assert status == 2 and one_error_line(err).startswith("error: --chunk_size must be in [1, 2**30]")

@@ -74,8 +74,8 @@ def _default_out(args) -> Path:
 def run(args, overrides: list[str]) -> int:
     from ..data import check_split_lengths, dataset_sources, prepare_inputs, write_prepared
 
-    if args.chunk_size <= 0:
-        raise UserError(f"--chunk_size must be positive, got {args.chunk_size}")
+    if not 0 < args.chunk_size <= 1 << 30:  # a block is read whole: a huge one is a huge allocation
+        raise UserError(f"--chunk_size must be in [1, 2**30] bytes, got {args.chunk_size}")
     if args.block_size is not None and args.block_size <= 0:
         raise UserError(f"--block_size must be positive, got {args.block_size}")
     out = Path(args.out) if args.out else _default_out(args)

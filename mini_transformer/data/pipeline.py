@@ -344,7 +344,7 @@ def _prepare_dataset(data: DataConfig, tokenizer: Optional[Tokenizer], progress:
                             "set data.path to the text itself so it is encoded with the checkpoint's tokenizer")
         return prepared
     sources, name = _config_sources(data)
-    cache = Path(data.cache_dir)
+    cache = make_directory(data.cache_dir, "data.cache_dir")
     digests = [cached_sha256(s.path, cache / "hashes.json") for s in sources]
     if tokenizer is not None:
         settings: dict[str, Any] = {"kind": tokenizer.kind, "tokenizer": tokenizer.to_json()}

@@ -16,7 +16,7 @@ memory limit (cgroup) leaves less.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -104,10 +104,12 @@ def training_need(config: Config, dtype: torch.dtype, *, shards: int = 1) -> dic
     }
 
 
-def training_fix(config: Config, need: Mapping[str, int]) -> str:
-    """What to reduce, for the part that dominates ``need``."""
+def training_fix(config: Config, need: Mapping[str, int], available: int) -> str:
+    """What to reduce: the model when its parameters' parts alone exceed ``available`` bytes, else
+    the part that dominates ``need``."""
     t = config.training
-    if need["activations"] >= need["weights"] + need["gradients"] + need["AdamW state"]:
+    parameters = need["weights"] + need["gradients"] + need["AdamW state"]
+    if parameters <= available and need["activations"] >= parameters:
         fix = ("reduce training.batch_size (more training.gradient_accumulation_steps keep the batch per step) "
                "or model.block_size")
         return fix if t.gradient_checkpointing else fix + ", or turn on training.gradient_checkpointing"
@@ -190,10 +192,11 @@ def _cgroup_headroom() -> Optional[int]:
 
 # -- the refusal ------------------------------------------------------------------------------
 
-def refuse_if_too_large(what: str, need: Mapping[str, int], device: torch.device, fix: str) -> None:
+def refuse_if_too_large(what: str, need: Mapping[str, int], device: torch.device,
+                        fix: Callable[[int], str]) -> None:
     """Raise a one-line :class:`SettingError` when ``need`` (bytes by part) exceeds what ``device``
-    has: the estimate, its parts, the memory there is, ``fix`` (what to reduce) and the ``force``
-    setting that skips this check."""
+    has: the estimate, its parts, the memory there is, what to reduce (``fix(available bytes)``)
+    and the ``force`` setting that skips this check."""
     total = sum(need.values())
     available = available_memory(device)
     if available is None or total <= available:
@@ -201,7 +204,7 @@ def refuse_if_too_large(what: str, need: Mapping[str, int], device: torch.device
     parts = ", ".join(f"{name} {human_bytes(n)}" for name, n in need.items() if n)
     where = f"is free on {device}" if device.type == "cuda" else "of RAM is available"
     raise SettingError(f"{what} needs at least {human_bytes(total)} ({parts}) but only {human_bytes(available)} "
-                       f"{where}; {fix}, or force it to try anyway", fixes=[{"force": ""}])
+                       f"{where}; {fix(available)}, or force it to try anyway", fixes=[{"force": ""}])
 
 
 def human_bytes(n: float) -> str:

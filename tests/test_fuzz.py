@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,7 @@ _COMMON = dict(deadline=None, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 FAST = settings(max_examples=12, derandomize=True, **_COMMON)
 LONG = settings(max_examples=300, **_COMMON)
+EXAMPLE_SECONDS = int(os.environ.get("FUZZ_EXAMPLE_SECONDS", "60"))  # a first run imports torch's compiler: seconds
 
 
 # -- running the CLI in-process -----------------------------------------------------------------
@@ -51,9 +53,32 @@ def inside(directory: Path) -> Iterator[None]:
         os.chdir(before)
 
 
+class TookTooLong(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    """Fail an example that runs past ``seconds`` (a hang, or work the strategies should not make)."""
+    if not hasattr(signal, "SIGALRM"):  # Windows
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TookTooLong(f"the command ran longer than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def assert_success_or_user_error(argv: list[str]) -> None:
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), time_limit(EXAMPLE_SECONDS):
         try:
             status = main(argv)
         except SystemExit as exc:  # argparse: a flag that does not parse
@@ -190,7 +215,8 @@ TRAIN_KEYS: dict[str, st.SearchStrategy] = {
 # Keys that are not keys: misspelt, sectionless, unknown sections, no value.
 NOT_KEYS = st.sampled_from(["--model.d_modle", "--d_model", "--foo.bar", "--model", "--model.", "--.x",
                             "--training.max_iters=", "--model.d_model=8=8", "-x", "--", "x"])
-CLI_FLAGS = st.sampled_from(["--resume", "--force", "--quiet", "--preset", "tiny", "--preset", "nope", "--bogus"])
+# Not --force: it skips the memory check, and the huge sizes here then allocate until the allocator throws.
+CLI_FLAGS = st.sampled_from(["--resume", "--quiet", "--preset", "tiny", "--preset", "nope", "--bogus"])
 
 
 @st.composite
@@ -375,7 +401,6 @@ GENERATION_KEYS: dict[str, st.SearchStrategy] = {
     "generation.top_p": st.one_of(st.none(), fraction()),
     "generation.min_p": st.one_of(st.none(), fraction()),
     "generation.repetition_penalty": choice(1.0, 1.3, 1e30),
-    "generation.num_samples": sized(1, 2),
     "generation.stop": choice("\\n", "e", "[a, b]", "[]"),
     "generation.context_keep": sized(None, 0, 1, 4, 8),
     "generation.compile_decode": st.sampled_from(["false", "0"]),  # compiling takes seconds
@@ -383,7 +408,6 @@ GENERATION_KEYS: dict[str, st.SearchStrategy] = {
     "advanced.quantize": choice(None, "int8", "int4"),
     "advanced.quantize_group_size": sized(4, 8, 16),
     "advanced.quantize_embedding": choice(True, False),
-    "advanced.speculative_sampling": choice(True, False),
     "advanced.draft_checkpoint": choice(None, "CKPT", "nowhere"),
     "advanced.speculative_gamma": sized(1, 2),
     "advanced.log_attention": choice(False),
@@ -397,7 +421,6 @@ WORD = st.text(max_size=3)
 GENERATE_FLAGS: dict[str, st.SearchStrategy] = {
     "--prompt": st.text(max_size=20),
     "--prompts_file": mostly(st.just("prompts.txt"), st.sampled_from(["missing.txt", "empty.txt", "."])),
-    "--num_samples": mostly(st.integers(1, 3), st.one_of(st.integers(-1, 0), HUGE, WORD)),
     "--max_tokens": mostly(st.integers(0, 4), st.one_of(st.just(-1), WORD)),
     "--stop": st.text(max_size=3),
     "--repetition_penalty": mostly(st.floats(1, 2), FLOAT),
@@ -412,11 +435,15 @@ GENERATE_FLAGS: dict[str, st.SearchStrategy] = {
     "--dtype": st.sampled_from(["fp32", "bf16", "fp16", "fp8"]),
     "--adapter": st.sampled_from(["nowhere", "CKPT", "."]),
     "--quantize": st.sampled_from(["int8", "int4", "int2"]),
-    "--draft_checkpoint": mostly(st.just("CKPT"), st.just("nowhere")),
     "--gamma": mostly(st.integers(1, 3), st.one_of(st.integers(-1, 0), HUGE)),
     "--attention_dir": st.sampled_from(["att", "prompts.txt", ""]),
 }
-GENERATE_SWITCHES = ["--stream", "--compare_plain", "--log_attention", "--force"]
+GENERATE_SWITCHES = ["--compare_plain", "--log_attention"]  # not --force: see CLI_FLAGS
+# Samples streamed or drafted run one after another: never a huge number of those (that runs long,
+# correctly). A batch may ask for any number: the memory check refuses what cannot fit.
+ONE_AT_A_TIME = st.sampled_from([["--stream"], ["--draft_checkpoint", "CKPT"], ["--draft_checkpoint", "nowhere"],
+                                 ["--advanced.speculative_sampling", "true"],
+                                 ["--advanced.speculative_sampling=true", "--advanced.draft_checkpoint", "CKPT"]])
 
 
 @st.composite
@@ -426,6 +453,13 @@ def generate_argv(draw) -> list[str]:
         argv += [flag, as_text(draw(GENERATE_FLAGS[flag]))]
     argv += draw(st.lists(st.sampled_from(GENERATE_SWITCHES), max_size=2, unique=True))
     argv += draw(overrides(GENERATION_KEYS, max_keys=3))
+    if draw(st.booleans()):
+        argv += draw(ONE_AT_A_TIME)
+        samples = st.integers(-1, 3)
+    else:
+        samples = mostly(st.integers(1, 3), st.one_of(st.integers(-1, 0), HUGE, WORD))
+    if draw(st.booleans()):
+        argv += draw(st.sampled_from([["--num_samples"], ["--generation.num_samples"]])) + [as_text(draw(samples))]
     if "--checkpoint" not in argv and not draw(st.integers(0, 4)) == 0:
         argv += ["--checkpoint", "CKPT"]
     if "--device" not in argv:

@@ -81,12 +81,13 @@ def test_the_presets_fit_a_small_machine(preset, monkeypatch):
     config = load_config(preset=preset, overrides=["--model.vocab_size", "65"])
     need = training_need(config, torch.float32)
     fake_memory(monkeypatch, 4 * GiB)  # a modest laptop's free RAM
-    refuse_if_too_large("training", need, torch.device("cpu"), training_fix(config, need))
+    fix = lambda available: training_fix(config, need, available)  # noqa: E731
+    refuse_if_too_large("training", need, torch.device("cpu"), fix)
     # ... and the check is live: the small preset's batch of 32 x 256 tokens does not fit 1 GiB.
     fake_memory(monkeypatch, 1 * GiB)
     if preset == "small":
         with pytest.raises(SettingError, match="reduce training.batch_size"):
-            refuse_if_too_large("training", need, torch.device("cpu"), training_fix(config, need))
+            refuse_if_too_large("training", need, torch.device("cpu"), fix)
 
 
 def test_lora_and_fsdp_need_less():
@@ -99,7 +100,11 @@ def test_lora_and_fsdp_need_less():
     config.advanced.use_lora = False
     sharded = training_need(config, torch.float32, shards=4)
     assert sharded["AdamW state"] == full["AdamW state"] // 4 and sharded["activations"] == full["activations"]
-    assert "LoRA" in training_fix(config, {**full, "activations": 0})
+    assert "LoRA" in training_fix(config, {**full, "activations": 0}, available=GiB)
+    # Activations dominate, but the parameters' parts alone do not fit: the model is what to reduce.
+    config.training.init_from = None
+    assert training_fix(config, full, available=GiB).startswith("reduce training.batch_size")
+    assert training_fix(config, full, available=full["weights"]) == "reduce model.d_model or model.n_layers"
 
 
 def test_kv_cache_estimate_equals_the_allocated_cache():

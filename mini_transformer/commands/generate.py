@@ -288,12 +288,14 @@ def check_memory(saved: Config, directory: Path, dtype: torch.dtype | None, devi
         draft = resolve_checkpoint(draft_dir, prefer="best")
         draft_need = generation_need(read_config(draft).model, 1, nbytes, draft / WEIGHTS_FILE)
         need.update({f"draft {part}": n for part, n in draft_need.items()})
-    if need["KV-cache"] < need["weights"]:
-        fix = "load the weights in less memory with --dtype bf16 or --quantize int8"
-    elif sequences > 1:
-        fix = f"generate fewer sequences at once (--num_samples x prompts is {sequences})"
-    else:
-        fix = f"use a checkpoint with a shorter context (this one's block_size is {saved.model.block_size:,})"
+
+    def fix(available: int) -> str:
+        if need["weights"] > available or need["KV-cache"] < need["weights"]:
+            return "load the weights in less memory with --dtype bf16 or --quantize int8"
+        if sequences > 1:
+            return f"generate fewer sequences at once (--num_samples x prompts is {sequences:,})"
+        return f"use a checkpoint with a shorter context (this one's block_size is {saved.model.block_size:,})"
+
     what = f"generating {sequences:,} sequence{'s' if sequences > 1 else ''} at once"
     refuse_if_too_large(what, need, device, fix)
 

@@ -279,7 +279,7 @@ class Trainer:
         if local > 1:
             need = {part: local * n for part, n in need.items()}
             what = f"training in {local} processes"
-        refuse_if_too_large(what, need, self.device, training_fix(self.config, need))
+        refuse_if_too_large(what, need, self.device, lambda available: training_fix(self.config, need, available))
 
     def _build_model(self, base_dir: Optional[Path]) -> Transformer:
         torch.manual_seed(self.t.seed)  # the same initial weights on every rank

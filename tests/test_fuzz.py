@@ -37,6 +37,8 @@ _COMMON = dict(deadline=None, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 FAST = settings(max_examples=12, derandomize=True, **_COMMON)
 LONG = settings(max_examples=300, **_COMMON)
+# Each target runs twice: the default (the same few examples every run) and, under slow, many fresh ones.
+BUDGETS = [pytest.param(FAST, id="default"), pytest.param(LONG, id="long", marks=pytest.mark.slow)]
 EXAMPLE_SECONDS = int(os.environ.get("FUZZ_EXAMPLE_SECONDS", "60"))  # a first run imports torch's compiler: seconds
 
 
@@ -286,17 +288,9 @@ CONFIG_CASE = dict(text=CONFIG_TEXT, argv=overrides(TRAIN_KEYS, max_keys=12),
                                                                 YAML_DATA, max_size=3), max_size=3)))
 
 
-@FAST
-@given(**CONFIG_CASE)
-def test_config_loader_fuzz(text, argv, preset, raw):
-    check_config_loader(text, argv, preset, raw)
-
-
-@pytest.mark.slow
-@LONG
-@given(**CONFIG_CASE)
-def test_config_loader_fuzz_long(text, argv, preset, raw):
-    check_config_loader(text, argv, preset, raw)
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_config_loader_fuzz(budget):
+    budget(given(**CONFIG_CASE)(check_config_loader))()
 
 
 # -- train --------------------------------------------------------------------------------------------
@@ -317,17 +311,9 @@ def check_train(corpus: bytes, argv: list[str], config_text: str | None) -> None
 TRAIN_CASE = dict(corpus=CORPUS, argv=overrides(TRAIN_KEYS), config_text=mostly(st.none(), CONFIG_TEXT))
 
 
-@FAST
-@given(**TRAIN_CASE)
-def test_train_fuzz(corpus, argv, config_text):
-    check_train(corpus, argv, config_text)
-
-
-@pytest.mark.slow
-@LONG
-@given(**TRAIN_CASE)
-def test_train_fuzz_long(corpus, argv, config_text):
-    check_train(corpus, argv, config_text)
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_train_fuzz(budget):
+    budget(given(**TRAIN_CASE)(check_train))()
 
 
 # -- prepare ----------------------------------------------------------------------------------------
@@ -363,17 +349,9 @@ def check_prepare(corpus: bytes, argv: list[str]) -> None:
         assert_success_or_user_error(argv)
 
 
-@FAST
-@given(corpus=CORPUS, argv=prepare_argv())
-def test_prepare_fuzz(corpus, argv):
-    check_prepare(corpus, argv)
-
-
-@pytest.mark.slow
-@LONG
-@given(corpus=CORPUS, argv=prepare_argv())
-def test_prepare_fuzz_long(corpus, argv):
-    check_prepare(corpus, argv)
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_prepare_fuzz(budget):
+    budget(given(corpus=CORPUS, argv=prepare_argv())(check_prepare))()
 
 
 # -- generate -------------------------------------------------------------------------------------
@@ -480,14 +458,9 @@ GENERATE_CASE = dict(argv=generate_argv(), config_text=mostly(st.just(""), CONFI
                      prompts=st.one_of(st.text(max_size=60).map(lambda s: s.encode("utf-8")), st.binary(max_size=60)))
 
 
-@FAST
-@given(**GENERATE_CASE)
-def test_generate_fuzz(checkpoint, argv, prompts, config_text):
-    check_generate(checkpoint, argv, prompts, config_text)
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_generate_fuzz(budget, checkpoint):
+    def check(argv: list[str], prompts: bytes, config_text: str) -> None:
+        check_generate(checkpoint, argv, prompts, config_text)
 
-
-@pytest.mark.slow
-@LONG
-@given(**GENERATE_CASE)
-def test_generate_fuzz_long(checkpoint, argv, prompts, config_text):
-    check_generate(checkpoint, argv, prompts, config_text)
+    budget(given(**GENERATE_CASE)(check))()

@@ -82,3 +82,17 @@ def test_a_huge_read_block_is_refused(run_cli, tmp_path):
     status, _, err = run_cli("prepare", "--quiet", "--input", str(text), "--out", str(tmp_path / "p"),
                              "--chunk_size", str(10**12))
     assert status == 2 and one_error_line(err).startswith("error: --chunk_size must be in [1, 2**30]")
+
+
+def test_compare_plain_with_no_tokens(run_cli, ckpt):
+    status, _, err = run_cli("generate", "--checkpoint", ckpt, "--device", "cpu", "--prompt", "he", "--max_tokens", "0",
+                             "--draft_checkpoint", ckpt, "--compare_plain")
+    assert status == 0 and "no tokens to compare" in err
+
+
+def test_a_tiny_temperature_samples_near_greedy():
+    from mini_transformer.generation import SamplingParams, sample_next_token
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [100.0, -5.0, 99.0]])
+    tokens = sample_next_token(logits, SamplingParams(temperature=1e-296), generator=torch.Generator().manual_seed(0))
+    assert tokens.tolist() == [1, 0]  # logits / 1e-296 overflowed to inf: NaN probabilities

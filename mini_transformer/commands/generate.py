@@ -342,7 +342,9 @@ def report_speculative(session: Session, stats: SpeculativeStats, n_tokens: int,
                f"{stats.tokens_per_round:.2f} tokens per target forward, {rate:.0f} tokens/s")
     if compare_plain:
         plain_rate = session.plain_tokens_per_s(ids, n_tokens, seed)
-        message += f"; plain decoding {plain_rate:.0f} tokens/s, speedup {rate / plain_rate:.2f}x"
+        # No tokens (max_tokens 0, or a stop at once) leave no rate to compare.
+        speedup = f"speedup {rate / plain_rate:.2f}x" if plain_rate > 0 else "no tokens to compare"
+        message += f"; plain decoding {plain_rate:.0f} tokens/s, {speedup}"
     print(message, file=sys.stderr, flush=True)
 
 

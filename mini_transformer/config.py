@@ -41,6 +41,9 @@ from .textfile import read_user_text
 SECTIONS = ("model", "training", "data", "generation", "advanced")
 COMMAND_LINE = "command line"  # the source name of --section.key overrides (see Config.set_by)
 PRESETS_DIR = Path(__file__).parent / "configs"
+# Seeds are below 2**32, as numpy's legacy ones: the offsets added to them (a rank, a sample's
+# index, a resumed step) then stay far inside the 64 bits torch and numpy take.
+SEED_LIMIT = 2**32
 
 
 def default_ffn_hidden_size(d_model: int) -> int:
@@ -377,6 +380,8 @@ class Config:
             raise UserError(
                 f"training.dropout_anneal_fraction must be in (0, 1], got {t.dropout_anneal_fraction}; "
                 "1.0 (the default) anneals over the whole run")
+        if not 0 <= t.seed < SEED_LIMIT:
+            raise UserError(f"training.seed must be in [0, 2**32), got {t.seed}; any such integer, like 1337")
         if t.min_lr is not None and t.min_lr < 0:
             raise UserError(f"training.min_lr must be >= 0, got {t.min_lr}; leave it unset for learning_rate / 10")
         for target in a.lora_targets:
@@ -404,6 +409,11 @@ class Config:
                 if abs(value) > limit:
                     raise UserError(f"{section}.{key} = {value:.3g} is too large (at most {limit:,}); "
                                     f"fix the value of {section}.{key}")
+
+    def check_batch_is_indexable(self) -> None:
+        """Refuse, for training, a batch whose token tensor could not be indexed (past int32).
+
+        Not part of :meth:`validate`: generation reads the same config and never makes that batch."""
         tokens = self.training.batch_size * self.model.block_size  # one batch tensor's elements
         if tokens > _INT32_MAX:
             raise UserError(f"training.batch_size x model.block_size = {tokens:,} tokens in one batch is too many "

@@ -16,17 +16,30 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        device = None
+    # torch knows more device types (meta, xla, ...) than the project runs on.
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "mps" and not _mps_available():
+        raise SettingError(f"device {spec!r} requested but MPS (Apple's GPU) is not available; use the cpu device",
+                           setting="device", fixes=[{"device": "cpu"}])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SettingError(f"device {spec!r} requested but CUDA is not available; use the cpu device",
                            setting="device", fixes=[{"device": "cpu"}])
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SettingError(f"device {spec!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                           "device(s); use cuda (the first) or cuda:N with N below that", setting="device")
     return device
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def allow_tf32_on_cuda(device: torch.device) -> tuple[bool, bool]:

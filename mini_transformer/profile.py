@@ -1,7 +1,8 @@
 """Model profiling: parameter counts, FLOPs, memory, and the measured peak of a training step.
 
 Parameter counts, FLOPs per token and the matmul probe live in :mod:`.training.flops` (the
-training loop reports MFU with them); they are imported here under the same names.
+training loop reports MFU with them), and the memory estimate in :mod:`.memory_check` (training and
+generation refuse a run that cannot fit with it); they are imported here under the same names.
 """
 
 from __future__ import annotations
@@ -9,62 +10,16 @@ from __future__ import annotations
 import multiprocessing as mp
 import resource
 import sys
-from dataclasses import dataclass
 
 import torch
 
-from .config import Config, ModelConfig
+from .config import Config
 from .device import autocast, resolve_device, resolve_dtype
+from .memory_check import MemoryEstimate, estimate_memory, human_bytes  # noqa: F401  (public here too)
 from .model import Transformer
 from .training.flops import (  # noqa: F401  (also this module's public names, as before)
     ParameterCount, count_parameters, flops_per_token, measure_matmul_flops, synchronize,
 )
-
-
-@dataclass
-class MemoryEstimate:
-    weights: int
-    gradients: int
-    optimizer: int
-    activations: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
-
-
-def estimate_memory(config: ModelConfig, batch_size: int, activation_bytes: int = 4,
-                    gradient_checkpointing: bool = False) -> MemoryEstimate:
-    """Bytes for fp32 weights, gradients, AdamW state (two moments) and saved activations.
-
-    The activation figure counts the tensors each block keeps for the backward pass (inputs of
-    the norms and projections, q/k/v, the attention output, the SwiGLU gate, up and product),
-    the attention's T x T weights when the math path or attention dropout keeps them, dropout
-    masks, and the logits with their fp32 copy for the loss. With gradient checkpointing only
-    each block's input is kept, plus the activations of the one block being recomputed.
-    """
-    params = count_parameters(config).total
-    B, T, d, h = batch_size, config.block_size, config.d_model, config.hidden_size
-    kv = config.kv_heads * config.head_dim
-    per_layer = activation_bytes * B * T * (9 * d + 2 * kv + 4 * h)
-    if config.dropout > 0:
-        per_layer += 2 * B * T * d  # the residual dropouts' masks, one byte per element
-    if config.attention == "math" or config.dropout > 0:
-        # The T x T weights are kept: by the math path, and by attention dropout, which the
-        # fused CPU kernels don't do. Per weight: fp32 scores and probabilities, the dropped
-        # probabilities, and a byte mask.
-        per_layer += 13 * B * config.n_heads * T * T
-    logits = activation_bytes * 3 * B * T * (config.vocab_size or 0)
-    if gradient_checkpointing:
-        activations = config.n_layers * activation_bytes * B * T * d + per_layer + logits
-    else:
-        activations = config.n_layers * per_layer + logits
-    return MemoryEstimate(
-        weights=4 * params,
-        gradients=4 * params,
-        optimizer=8 * params,
-        activations=activations,
-    )
 
 
 # -- measured peak of one training step ------------------------------------------------------
@@ -140,14 +95,6 @@ def _peak_worker(raw_config: dict, batch: int, dtype_spec: str, device_spec: str
 
 
 # -- the table -------------------------------------------------------------------------------
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
 
 def human_count(n: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import GenerationConfig
+from .config import SEED_LIMIT, GenerationConfig
 from .errors import SettingError, UserError
 from .generation import (
     KVCachePool, SamplingParams, SpeculativeStats, generate, generate_batch, generate_stream,
@@ -58,6 +58,8 @@ def check_settings(values: Mapping[str, Any]) -> None:
                                        f"{GenerationConfig.max_tokens} is the default")
         elif name == "num_samples" and value <= 0:
             raise InvalidSetting(name, f"num_samples must be >= 1, got {value}; 1 is the default")
+        elif name == "seed" and value is not None and not 0 <= value < SEED_LIMIT:
+            raise InvalidSetting(name, f"seed must be in [0, 2**32), got {value}; any such integer, like 1")
 
 
 def check_text(text: str, name: str) -> None:
@@ -92,7 +94,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
-        check_settings({name: getattr(self, name) for name in (*SAMPLING_SETTINGS, "max_tokens", "num_samples")})
+        check_settings({name: getattr(self, name) for name in (*SAMPLING_SETTINGS, "max_tokens", "num_samples", "seed")})
 
     @classmethod
     def from_config(cls, generation: GenerationConfig, **chosen: Any) -> Settings:

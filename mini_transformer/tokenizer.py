@@ -54,6 +54,9 @@ FORMAT = "mini-transformer-tokenizer"
 FORMAT_VERSION = 1
 KINDS = ("char", "byte", "bpe", "gpt2")
 EOT = "<|endoftext|>"
+# The BPE trainer reserves memory for the whole vocabulary up front (141 GB for 2**31 entries,
+# an abort rather than an exception); 2**20 is four times the largest vocabularies in use.
+MAX_BPE_VOCAB_SIZE = 2**20
 
 
 class Tokenizer(ABC):
@@ -470,6 +473,9 @@ def check_bpe_vocab_size(vocab_size: int) -> int:
     if vocab_size < 257 + 1:
         raise SettingError(f"vocab_size for bpe must be at least 258 (256 bytes + 1 special), got {vocab_size}; "
                            "2048 is a good start", setting="vocab_size")
+    if vocab_size > MAX_BPE_VOCAB_SIZE:  # the tokenizers library aborts the process reserving memory for more
+        raise SettingError(f"vocab_size for bpe must be at most {MAX_BPE_VOCAB_SIZE:,}, got {vocab_size:,}; "
+                           "the largest vocabularies in use have about 256k tokens", setting="vocab_size")
     return vocab_size
 
 

@@ -27,11 +27,13 @@ def register(subparsers) -> None:
     parser.add_argument("--full", action="store_true", help="train all weights instead of LoRA adapters")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--force", action="store_true",
+                        help="skip the check that refuses a run whose memory estimate exceeds the device's memory")
     add_config_arguments(parser)
     parser.set_defaults(run=run)
     list_config_keys(parser, SECTIONS)
     add_setting_flags(parser, {**DATA_FLAGS, "resume": "--resume", "device": "--training.device",
-                               "init_from": "--checkpoint"})
+                               "init_from": "--checkpoint", "force": "--force"})
 
 
 def run(args, overrides: list[str]) -> int:
@@ -42,5 +44,5 @@ def run(args, overrides: list[str]) -> int:
     config.advanced.use_lora = not args.full
     if config.training.out_dir == "out":
         config.training.out_dir = "out-finetune"
-    result = train(config, resume=args.resume, progress=not args.quiet)
+    result = train(config, resume=args.resume, progress=not args.quiet, force=args.force)
     return 0 if result.step > 0 or result.interrupted else 1

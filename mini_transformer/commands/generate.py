@@ -24,8 +24,10 @@ from .common import add_command, add_flag, add_setting_flags, list_config_keys, 
 # The session (and through it torch) and yaml are imported when the command runs, not when its
 # parser is built: `mini-transformer --help` stays fast.
 if TYPE_CHECKING:
+    import torch
+
     from ..generation import SpeculativeStats
-    from ..session import InvalidSetting, Prompt, Session, TextStream
+    from ..session import InvalidSetting, Prompt, Session, Settings, TextStream
 
 EXAMPLES = """\
   python generate.py --prompt "Once upon a time" --max_tokens 200
@@ -91,6 +93,9 @@ def register(subparsers) -> None:
     model.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (from finetune) to apply to the checkpoint")
     model.add_argument("--quantize", choices=["int8", "int4"],
                        help="quantize the weights on load (same as --advanced.quantize)")
+    model.add_argument("--force", action="store_true",
+                       help="skip the check that refuses a generation whose weights and KV-caches exceed the "
+                            "device's memory")
     extras = parser.add_argument_group("speculative decoding and attention maps")
     extras.add_argument("--draft_checkpoint", metavar="DIR",
                         help="a small draft model with the same tokenizer: speculative decoding")
@@ -109,7 +114,8 @@ def register(subparsers) -> None:
     list_config_keys(parser, ("generation", "advanced"))
     add_setting_flags(parser, {**{name: f"--{name}" for name in SETTING_FLAGS},
                                "group_size": "--advanced.quantize_group_size", "device": "--device",
-                               "attention_layer": "--attention_layer", "attention_head": "--attention_head"})
+                               "attention_layer": "--attention_layer", "attention_head": "--attention_head",
+                               "force": "--force", "attention_dir": "--attention_dir", "seed": "--seed"})
 
 
 # -- flags and config ------------------------------------------------------------------------
@@ -200,7 +206,7 @@ def note(message: str) -> None:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     check_flags(args)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None  # refused before the model loads
-    session, advanced = open_session(args, overrides)
+    session, advanced = open_session(args, overrides, prompts=len(prompts) if prompts else 1)
     log_attention = args.log_attention or advanced.log_attention
     if log_attention and (args.interactive or args.prompts_file):
         note("attention maps are logged for --prompt only")
@@ -220,10 +226,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def open_session(args: argparse.Namespace, overrides: list[str]) -> tuple[Session, AdvancedConfig]:
-    """Load the checkpoint (and the draft, if any) with the settings of every source."""
+def open_session(args: argparse.Namespace, overrides: list[str], prompts: int = 1) -> tuple[Session, AdvancedConfig]:
+    """Load the checkpoint (and the draft, if any) with the settings of every source, for
+    ``prompts`` prompts at a time; unless ``--force``, refuse first what cannot fit the device."""
     from ..checkpoint import load_for_inference, read_config, resolve_checkpoint
     from ..device import allow_tf32_on_cuda, inference_dtype, resolve_device
+    from ..generation import resolve_context_keep
     from ..session import Session, Settings
 
     file_raw, override_raw = read_config_sections(args.config, overrides)
@@ -235,18 +243,22 @@ def open_session(args: argparse.Namespace, overrides: list[str]) -> tuple[Sessio
     saved = read_config(directory)
     config = merged_config(saved, file_raw, override_raw, args.config or "config")
     settings = Settings.from_config(config.generation, **flag_settings(args))
+    resolve_context_keep(settings.context_keep, saved.model.block_size)  # a bad one is refused before loading
     dtype = inference_dtype(args.dtype or config.generation.decode_dtype, device)
     # The model (and a LoRA run's adapters) is built from the checkpoint's own config; only how
     # to quantize it comes from the merged one.
     advanced = config.advanced
     if advanced.quantize and not args.quantize:
         say_config_quantization(directory, advanced.quantize, quantize_source(args.config, file_raw, override_raw))
+    draft_dir = args.draft_checkpoint or (advanced.draft_checkpoint if advanced.speculative_sampling else None)
+    if not args.force:
+        check_memory(saved, directory, dtype, device, sequences_at_once(args, settings, prompts, bool(draft_dir)),
+                     draft_dir)
     model, _, tokenizer = load_for_inference(directory, device, adapter=args.adapter, dtype=dtype, config=saved,
                                              quantize=args.quantize or advanced.quantize,
                                              group_size=advanced.quantize_group_size,
                                              quantize_embedding=advanced.quantize_embedding)
     session = Session(model, tokenizer, settings)
-    draft_dir = args.draft_checkpoint or (advanced.draft_checkpoint if advanced.speculative_sampling else None)
     if advanced.speculative_sampling and not draft_dir:
         raise UserError("advanced.speculative_sampling is on but no draft model is set; "
                         "pass --draft_checkpoint DIR or set advanced.draft_checkpoint")
@@ -275,6 +287,42 @@ def say_config_quantization(directory: Path, mode: str, source: str) -> None:
     if read_quantization_meta(directory) is None:  # a quantized checkpoint loads as it is
         note(f"quantizing the weights to {mode} on load (advanced.quantize in {source}); "
              "--advanced.quantize null loads them in full precision")
+
+
+def sequences_at_once(args: argparse.Namespace, settings: Settings, prompts: int, speculative: bool) -> int:
+    """How many sequences one batch generates, each with its KV-cache: speculative decoding and the
+    interactive session run one; a prompts file all prompts x samples (print_batch), one prompt
+    its samples unless streamed (print_samples)."""
+    if speculative or args.interactive:
+        return 1
+    if args.prompts_file:
+        return prompts * settings.num_samples
+    return 1 if args.stream else settings.num_samples
+
+
+def check_memory(saved: Config, directory: Path, dtype: torch.dtype | None, device: torch.device, sequences: int,
+                 draft_dir: str | None) -> None:
+    """Refuse, before any weight loads, a generation whose weights, RoPE tables and KV-cache
+    (``sequences`` of the checkpoint's context each; the draft's too) exceed the device's memory."""
+    from ..checkpoint import WEIGHTS_FILE, read_config, resolve_checkpoint
+    from ..memory_check import generation_need, refuse_if_too_large
+
+    nbytes = dtype.itemsize if dtype is not None else 4  # None: the checkpoint's own fp32
+    need = generation_need(saved.model, sequences, nbytes, directory / WEIGHTS_FILE)
+    if draft_dir:
+        draft = resolve_checkpoint(draft_dir, prefer="best")
+        draft_need = generation_need(read_config(draft).model, 1, nbytes, draft / WEIGHTS_FILE)
+        need.update({f"draft {part}": n for part, n in draft_need.items()})
+
+    def fix(available: int) -> str:
+        if need["weights"] > available or need["KV-cache"] < need["weights"]:
+            return "load the weights in less memory with --dtype bf16 or --quantize int8"
+        if sequences > 1:
+            return f"generate fewer sequences at once (--num_samples x prompts is {sequences:,})"
+        return f"use a checkpoint with a shorter context (this one's block_size is {saved.model.block_size:,})"
+
+    what = f"generating {sequences:,} sequence{'s' if sequences > 1 else ''} at once"
+    refuse_if_too_large(what, need, device, fix)
 
 
 def print_samples(session: Session, text: str, prompt: Prompt, stream: bool, compare_plain: bool) -> list[int]:
@@ -319,7 +367,9 @@ def report_speculative(session: Session, stats: SpeculativeStats, n_tokens: int,
                f"{stats.tokens_per_round:.2f} tokens per target forward, {rate:.0f} tokens/s")
     if compare_plain:
         plain_rate = session.plain_tokens_per_s(ids, n_tokens, seed)
-        message += f"; plain decoding {plain_rate:.0f} tokens/s, speedup {rate / plain_rate:.2f}x"
+        # No tokens (max_tokens 0, or a stop at once) leave no rate to compare.
+        speedup = f"speedup {rate / plain_rate:.2f}x" if plain_rate > 0 else "no tokens to compare"
+        message += f"; plain decoding {plain_rate:.0f} tokens/s, {speedup}"
     print(message, file=sys.stderr, flush=True)
 
 

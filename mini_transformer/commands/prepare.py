@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ..errors import UserError
@@ -62,7 +61,7 @@ def register(subparsers) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
     add_setting_flags(parser, {"input": "--input", "dataset": "--dataset", "tokenizer": "--tokenizer",
-                               "vocab_size": "--vocab_size", "text_field": "--text_field"})
+                               "vocab_size": "--vocab_size", "text_field": "--text_field", "directory": "--out"})
 
 
 def _default_out(args) -> Path:
@@ -79,8 +78,8 @@ def _default_out(args) -> Path:
 def run(args, overrides: list[str]) -> int:
     from ..data import check_split_lengths, dataset_sources, prepare_inputs, write_prepared
 
-    if args.chunk_size <= 0:
-        raise UserError(f"--chunk_size must be positive, got {args.chunk_size}; leave it out for the default")
+    if not 0 < args.chunk_size <= 1 << 30:  # a block is read whole: a huge one is a huge allocation
+        raise UserError(f"--chunk_size must be in [1, 2**30] bytes, got {args.chunk_size}; leave it out for the default")
     if args.block_size is not None and args.block_size <= 0:
         raise UserError(f"--block_size must be positive, got {args.block_size}; give the model's block_size, "
                         "or leave it out")

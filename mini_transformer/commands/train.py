@@ -27,15 +27,17 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue exactly from the latest checkpoint in training.out_dir")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--force", action="store_true",
+                        help="skip the check that refuses a run whose memory estimate exceeds the device's memory")
     parser.set_defaults(run=run)
     list_config_keys(parser, SECTIONS)
     add_setting_flags(parser, {**DATA_FLAGS, "resume": "--resume", "device": "--training.device",
-                               "init_from": "--training.init_from"})
+                               "init_from": "--training.init_from", "force": "--force"})
 
 
 def run(args, overrides: list[str]) -> int:
     from ..training import train
 
     config = config_from_args(args, overrides)
-    result = train(config, resume=args.resume, progress=not args.quiet)
+    result = train(config, resume=args.resume, progress=not args.quiet, force=args.force)
     return 0 if result.step > 0 or result.interrupted else 1

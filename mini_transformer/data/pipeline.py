@@ -217,8 +217,7 @@ def write_prepared(sources: list[Source], out_dir: str | os.PathLike, *, tokeniz
         raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}; 0.1 is the default")
     if tokenizer == "bpe":
         check_bpe_vocab_size(vocab_size)
-    out = Path(out_dir)
-    make_dirs(out)
+    out = make_dirs(out_dir)
     with contextlib.suppress(FileNotFoundError):
         (out / META_FILE).unlink()  # the directory is incomplete until meta.json is rewritten
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else build_tokenizer(
@@ -385,7 +384,7 @@ def _prepare_dataset(data: DataConfig, tokenizer: Optional[Tokenizer], progress:
                             "set data.path to the text itself so it is encoded with the checkpoint's tokenizer")
         return prepared
     sources, name = _config_sources(data)
-    cache = Path(data.cache_dir)
+    cache = make_dirs(data.cache_dir)
     digests = [cached_sha256(s.path, cache / "hashes.json") for s in sources]
     if tokenizer is not None:
         settings: dict[str, Any] = {"kind": tokenizer.kind, "tokenizer": tokenizer.to_json()}

@@ -44,8 +44,7 @@ def save_attention(
     ``T`` are used; the ids as text when None).
     """
     weights, ids = attention_weights(model, token_ids)
-    out = Path(out_dir)
-    make_dirs(out)
+    out = make_dirs(out_dir)
     npz_path = out / f"{name}.npz"
     shown = [str(t) for t in ids] if labels is None else [str(s) for s in list(labels)[-len(ids):]]
     atomic_write(npz_path, lambda f: np.savez_compressed(

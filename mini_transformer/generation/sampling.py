@@ -125,7 +125,11 @@ def process_logits(logits: torch.Tensor, params: SamplingParams,
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits
-    logits = logits / params.temperature
+    # Each row's maximum is subtracted first (the same distribution), and the temperature kept
+    # above float32's smallest normal number: a tiny temperature then sends the other logits to
+    # -inf, near-greedy, instead of the top ones to inf or 0/0 (NaN probabilities).
+    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if params.top_k is not None:
         logits = top_k_filter(logits, params.top_k)
     if params.top_p is not None:

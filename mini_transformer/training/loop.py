@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import gc
 import math
+import os
 import random
 import signal
 import time
@@ -33,6 +34,7 @@ from ..data import (PreparedData, RandomBatchSampler, check_data_settings, check
 from ..device import allow_tf32_on_cuda, autocast, dtype_name, resolve_device, resolve_dtype, restore_tf32
 from ..errors import SettingError, UserError, first_line
 from ..interop.hf.importer import hf_model_config, hf_provenance, is_hf_directory, read_hf_tokenizer, read_hf_weights
+from ..memory_check import refuse_if_too_large, training_fix, training_need
 from ..lora import apply_lora, base_weights_hash, lora_parameter_counts, save_adapter
 from ..model import Transformer
 from ..runlock import RunLock, acquire_run_lock
@@ -143,8 +145,9 @@ class Trainer:
     """
 
     def __init__(self, config: Config, *, resume: bool = False, progress: bool = True,
-                 log: Any = print):
+                 log: Any = print, force: bool = False):
         self.resume = resume
+        self.force = force  # skip the memory check (_check_memory)
         self.progress = progress
         self.log = log
         self.device = resolve_device(config.training.device)
@@ -153,6 +156,7 @@ class Trainer:
         # fails every rank at once.
         training = resolve_global_batch(config.training, planned_world_size(config.training))
         self.config: Config = dataclasses.replace(config, training=training)
+        self.config.check_batch_is_indexable()  # a size no device holds, --force or not; before out_dir
         self.dist: DistributedContext = init_distributed(self.t, self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -211,6 +215,7 @@ class Trainer:
         self._prepare_data_and_config(resume_dir, base_dir)
         if resume_dir is not None:
             self._check_resumable(resume_dir)
+        self._check_memory()
         self.model = self._build_model(base_dir)
         self._apply_lora()
         torch.manual_seed(self.t.seed + self.dist.rank)  # the init above is shared; dropout masks differ per rank
@@ -301,6 +306,20 @@ class Trainer:
             raise UserError(f"the checkpoint to resume in {directory} is of a different model shape "
                             f"({_shape(saved)} vs {_shape(self.config)}); resume with its config, or start a new "
                             "run in another training.out_dir")
+
+    def _check_memory(self) -> None:
+        """Refuse a run whose estimate exceeds the memory the device has, before the model exists:
+        at once, in one line, instead of allocating until the allocator throws."""
+        if self.force:
+            return
+        need = training_need(self.config, self.dtype, shards=self.dist.world_size if self.dist.fsdp else 1)
+        what = "training"
+        # The processes of one machine share its RAM; each GPU is its own rank's.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.device.type != "cuda" else 1
+        if local > 1:
+            need = {part: local * n for part, n in need.items()}
+            what = f"training in {local} processes"
+        refuse_if_too_large(what, need, self.device, lambda available: training_fix(self.config, need, available))
 
     def _build_model(self, base_dir: Optional[Path]) -> Transformer:
         torch.manual_seed(self.t.seed)  # the same initial weights on every rank
@@ -757,10 +776,12 @@ def _shape(config: Config) -> str:
     return f"d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, vocab {m.vocab_size}"
 
 
-def train(config: Config, *, resume: bool = False, progress: bool = True, log: Any = print) -> TrainResult:
+def train(config: Config, *, resume: bool = False, progress: bool = True, log: Any = print,
+          force: bool = False) -> TrainResult:
     """Train with ``config`` (left unchanged); returns the final step, losses, the best/final val
-    loss and the config as resolved for the run."""
-    trainer = Trainer(config, resume=resume, progress=progress, log=log)
+    loss and the config as resolved for the run. A run whose memory estimate exceeds what the
+    device has is refused before the model is built, unless ``force``."""
+    trainer = Trainer(config, resume=resume, progress=progress, log=log, force=force)
     try:
         trainer.setup()
         return trainer.run()

@@ -77,7 +77,7 @@ def expected_time_lines(config: Config, step: int, device: torch.device, step_s:
     compiled = ", timed uncompiled" if t.compile else ""
     capped = ""
     if t.max_seconds is not None and total > t.max_seconds:
-        total, capped = t.max_seconds, f", stopped by training.max_seconds"
+        total, capped = t.max_seconds, ", stopped by training.max_seconds"
     lines = [f"expected time: {format_duration(total)} on {device.type} ({steps:,} steps of "
              f"{format_duration(step_s)}, {evaluations} evaluations of {format_duration(evaluation_s)}; "
              f"from a step timed now{compiled}{capped})"]

@@ -557,7 +557,8 @@ def _set_key(config: Config, section: str, key: str, value: Any, source: str) ->
     section_obj = getattr(config, section)
     hints = _type_hints(type(section_obj))
     if key not in hints:
-        raise UserError(f"{source}: unknown config key '{section}.{key}'; {_suggest(section + '.' + key)}")
+        dotted = f"{section}.{key}"
+        raise UserError(f"{source}: unknown config key {dotted!r}; {_suggest(dotted)}")
     coerced = coerce_value(value, hints[key], f"{section}.{key}", source)
     setattr(section_obj, key, coerced)
     config.set_by[f"{section}.{key}"] = source

@@ -96,3 +96,20 @@ def test_a_tiny_temperature_samples_near_greedy():
     logits = torch.tensor([[1.0, 3.0, 2.0], [100.0, -5.0, 99.0]])
     tokens = sample_next_token(logits, SamplingParams(temperature=1e-296), generator=torch.Generator().manual_seed(0))
     assert tokens.tolist() == [1, 0]  # logits / 1e-296 overflowed to inf: NaN probabilities
+
+
+def test_an_unknown_key_with_a_line_break_is_named_on_one_line(tmp_path):
+    from mini_transformer.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("model:\n ? '\n\n'\n0:", encoding="utf-8")  # a YAML key that is a line break
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    assert "\n" not in str(info.value) and "unknown config key 'model.\\n'" in str(info.value)
+
+
+def test_the_perplexity_of_a_diverged_run_is_inf_not_an_overflow():
+    from mini_transformer.training.loop import perplexity
+
+    assert perplexity(0.0) == 1.0 and perplexity(2.0) == pytest.approx(7.389056)
+    assert perplexity(1e4) == float("inf")  # math.exp raises OverflowError past ~709.78

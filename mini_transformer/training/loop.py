@@ -134,6 +134,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), or inf where that overflows a float (a diverged run's loss can pass 709)."""
+    return math.exp(loss) if loss < 709 else math.inf
+
+
 class Trainer:
     """Holds the state of one run: ``setup()`` builds it, ``run()`` trains; see :func:`train`.
 
@@ -653,9 +658,9 @@ class Trainer:
         if not result.interrupted:
             val = self.exact_val_loss(progress=self._eval_bar(self._exact_val_batches(), "final val loss (whole split)"))
             result.final_val_loss = val
-            self._record({"iter": self.step, "final_val_loss": val, "val_ppl": math.exp(val),
+            self._record({"iter": self.step, "final_val_loss": val, "val_ppl": perplexity(val),
                           "time_s": time.perf_counter() - started, "final": True})
-            self._say(f"final: exact val loss {val:.4f} (ppl {math.exp(val):.2f}) over the whole val split; "
+            self._say(f"final: exact val loss {val:.4f} (ppl {perplexity(val):.2f}) over the whole val split; "
                       f"best checkpoint in {self.out_dir}")
         result.step, result.best_val_loss, result.checkpoint = self.step, self.best_val_loss, last_saved
         result.seconds = time.perf_counter() - started
@@ -700,9 +705,9 @@ class Trainer:
             self.best_val_loss = losses["val"]
         if self.dist.is_main and self.log is not None:
             bar.write(f"step {self.step}: train loss {losses['train']:.4f}, "
-                      f"val loss {losses['val']:.4f}, val ppl {math.exp(losses['val']):.2f}")
+                      f"val loss {losses['val']:.4f}, val ppl {perplexity(losses['val']):.2f}")
         self._record({"iter": self.step, "eval_train_loss": losses["train"], "val_loss": losses["val"],
-                      "val_ppl": math.exp(losses["val"]), "lr": lr})
+                      "val_ppl": perplexity(losses["val"]), "lr": lr})
         return improved
 
     def _record(self, record: dict[str, Any]) -> None:

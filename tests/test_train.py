@@ -315,6 +315,14 @@ def test_resume_with_a_different_model_shape_is_refused(tmp_path):
         quiet(other, resume=True)
 
 
+
+def test_resume_of_a_mistyped_run_directory_is_refused_without_making_it(tmp_path):
+    config = small_config(tmp_path, max_iters=4)
+    config.training.out_dir = str(tmp_path / "no-such-run")
+    with pytest.raises(UserError, match="no run directory .*no-such-run.* to resume"):
+        quiet(config, resume=True)
+    assert not (tmp_path / "no-such-run").exists()  # no empty directory with a lock file left behind
+
 KILL_SCRIPT = r"""
 import sys, torch
 from mini_transformer.config import Config

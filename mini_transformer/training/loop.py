@@ -212,6 +212,9 @@ class Trainer:
         seed_everything(self.t.seed)
         if not (self.resume or self.t.init_from):  # else the tokenizer is the checkpoint's
             check_data_settings(self.config.data)
+        if self.resume and not self.out_dir.is_dir():  # refused before the lock makes the directory
+            raise UserError(f"there is no run directory {str(self.out_dir)!r} to resume; check training.out_dir "
+                            "(the run's directory), or start a new run without resuming")
         if self.dist.is_main:  # one writer per run directory, locked before anything is written there
             self._run_lock = acquire_run_lock(self.out_dir)
             ckpt.remove_stale_pointer_temps(self.out_dir)  # a killed run's, safe to remove under the lock

@@ -123,6 +123,8 @@ def _fastest_matmul_rate(a: torch.Tensor, b: torch.Tensor, device: torch.device,
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA is asynchronous), so timings measure it."""
+    """Wait for the device's queued work (CUDA and MPS are asynchronous), so timings measure it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

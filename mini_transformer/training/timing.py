@@ -10,6 +10,7 @@ import torch
 from ..config import Config
 from ..data import RandomBatchSampler
 from ..device import autocast
+from .flops import synchronize
 from .metrics import evaluations_left, format_duration, run_seconds
 
 # A timed pass this long is measured once: the first pass's set-up costs are small next to it.
@@ -18,14 +19,6 @@ LONG_TIMED_PASS_S = 10.0
 # a small character model in about two minutes (README, Results).
 LONG_CPU_RUN_S = 3600.0
 CPU_RECIPE = "configs/shakespeare_char_cpu.yaml"
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, for a timing to measure it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def time_a_step(model: torch.nn.Module, tokens: np.ndarray, config: Config, device: torch.device,

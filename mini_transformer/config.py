@@ -564,8 +564,13 @@ def _set_key(config: Config, section: str, key: str, value: Any, source: str) ->
     config.set_by[f"{section}.{key}"] = source
 
 
+def config_keys() -> list[str]:
+    """Every config key as ``section.key``, in declaration order."""
+    return [f"{section}.{key}" for section, cls in SECTION_TYPES.items() for key in _type_hints(cls)]
+
+
 def _suggest(name: str) -> str:
-    candidates = [f"{s}.{f}" for s, cls in SECTION_TYPES.items() for f in _type_hints(cls)]
+    candidates = config_keys()
     bare = {c.split(".", 1)[1]: c for c in candidates}
     close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
     if not close:

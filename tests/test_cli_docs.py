@@ -17,7 +17,8 @@ import pytest
 
 from mini_transformer import demo
 from mini_transformer.cli import COMMANDS, build_parser
-from mini_transformer.commands.extras import check_extras, config_keys, visible_flags
+from mini_transformer.commands.extras import check_extras, visible_flags
+from mini_transformer.config import config_keys
 from mini_transformer.config import SECTION_TYPES, SECTIONS, Config, load_config
 from mini_transformer.config_docs import default_text, format_keys, key_docs
 from mini_transformer.errors import UserError

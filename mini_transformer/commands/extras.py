@@ -9,10 +9,9 @@ as unknown keys in a config file are.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 
-from ..config import SECTION_TYPES
+from ..config import SECTION_TYPES, config_keys
 from ..errors import UserError
 
 
@@ -38,11 +37,6 @@ def check_extras(parser: argparse.ArgumentParser, extras: list[str], accepts_ove
         else:
             hint = f"see {parser.prog} --help"
         raise UserError(f"unknown option {name} for {parser.prog}; {hint}")
-
-
-def config_keys() -> list[str]:
-    """Every config key as ``section.key``."""
-    return [f"{section}.{f.name}" for section, cls in SECTION_TYPES.items() for f in dataclasses.fields(cls)]
 
 
 def visible_flags(parser: argparse.ArgumentParser) -> list[str]:

@@ -80,6 +80,40 @@ def plot_run(out_dir: str | Path) -> list[Path]:
     return written
 
 
+def plot_val_loss_vs_time(out_dirs: Sequence[str | Path], png: str | Path) -> Path:
+    """Val loss against wall time of one or more runs in one figure: which run gets lower,
+    sooner. Each run's exact final val loss (the whole split) is the large marker at its end."""
+    runs = []
+    for out_dir in out_dirs:
+        out = Path(out_dir)
+        if not (out / "metrics.jsonl").is_file():
+            raise UserError(f"no metrics.jsonl in {str(out)!r}; pass the training.out_dir of a run")
+        records = read_metrics(out)
+        val = [(r["time_s"] / 60, r["val_loss"]) for r in records
+               if r.get("val_loss") is not None and r.get("time_s") is not None]
+        final = [(r["time_s"] / 60, r["final_val_loss"]) for r in records if r.get("final_val_loss") is not None]
+        if not val and not final:
+            raise UserError(f"{out / 'metrics.jsonl'} has no timed val losses (runs trained before they were "
+                            "timed have none); train the run again to plot it against wall time")
+        runs.append((out.name, val, final[-1:]))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, val, final in runs:
+        line, = ax.plot(*zip(*val), "o-", label=name, linewidth=1.5, markersize=3) if val else ax.plot([], [])
+        if final:
+            ax.plot(*zip(*final), "D", color=line.get_color(), markersize=8,
+                    label=f"{name}: exact val loss {final[0][1]:.4f}")
+    ax.set_xlabel("wall time of the training loop (minutes)")
+    ax.set_ylabel("val loss (nats/token)")
+    ax.set_title("val loss against wall time")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save_png(fig, Path(png))
+    plt.close(fig)
+    return Path(png)
+
+
 def _save_png(fig, path: Path) -> None:
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 

@@ -275,7 +275,7 @@ def test_help_examples_name_only_files_that_exist_or_that_an_example_makes():
                     used.append((name, value))
             used += [(name, p) for p in getattr(args, "input", None) or [] if p != "-"]
             if argv[0] == "plot":
-                used.append((name, args.out_dir))
+                used += [(name, out_dir) for out_dir in args.out_dirs]
     for name, path in used:
         hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not (REPO / path).exists()
         known = (path in USERS_TEXT or glob.glob(str(REPO / path), recursive=True) or hub_id

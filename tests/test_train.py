@@ -288,6 +288,14 @@ def test_metrics_checkpoint_layout_and_plot(tmp_path):
 
     paths = plot_run(out)
     assert (out / "loss.png") in paths and (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Every evaluation is stamped with the loop's wall time, in order: the x axis of val loss
+    # against time, which the plot command draws for one run or several.
+    times = [r["time_s"] for r in evals]
+    assert times == sorted(times) and times[-1] <= records[-1]["time_s"]
+    from mini_transformer.plot import plot_val_loss_vs_time
+
+    png = plot_val_loss_vs_time([out, out], tmp_path / "versus.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_pickled_object_in_checkpoint_is_refused(tmp_path):

@@ -9,21 +9,37 @@ from .common import add_command
 EXAMPLES = """\
   mini-transformer plot out
   mini-transformer plot out-shakespeare-char-cpu && xdg-open out-shakespeare-char-cpu/loss.png
+  mini-transformer plot out out-shakespeare-char-cpu   # both runs: val loss against wall time
 """
 
 
 def register(subparsers) -> None:
     parser = add_command(subparsers, "plot", help="plot a run's loss curves to PNG",
-                         description="Read OUT_DIR/metrics.jsonl and write loss.png (train and val loss) "
-                                     "and lr_grad_norm.png (learning rate and gradient norm).",
+                         description="Read OUT_DIR/metrics.jsonl and write loss.png (train and val loss), "
+                                     "lr_grad_norm.png (learning rate and gradient norm) and val_loss_vs_time.png "
+                                     "(val loss against wall time). With several OUT_DIRs: one figure of their "
+                                     "val losses against wall time, written to --output.",
                          examples=EXAMPLES)
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="a training run's out_dir")
+    parser.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="a training run's out_dir")
+    parser.add_argument("--output", metavar="PNG",
+                        help="where the val loss against wall time goes (default: OUT_DIR/val_loss_vs_time.png "
+                             "for one run, val_loss_vs_time.png here for several)")
     parser.set_defaults(run=run)
 
 
 def run(args, overrides: list[str]) -> int:
-    from ..plot import plot_run
+    from pathlib import Path
 
-    for path in plot_run(args.out_dir):
-        print(path)
+    from ..plot import plot_run, plot_val_loss_vs_time
+    from ..training.metrics import read_metrics
+
+    if len(args.out_dirs) == 1:
+        out_dir = Path(args.out_dirs[0])
+        for path in plot_run(out_dir):
+            print(path)
+        timed = any(r.get("time_s") is not None and r.get("val_loss") is not None for r in read_metrics(out_dir))
+        if timed or args.output:
+            print(plot_val_loss_vs_time([out_dir], args.output or out_dir / "val_loss_vs_time.png"))
+        return 0
+    print(plot_val_loss_vs_time(args.out_dirs, args.output or "val_loss_vs_time.png"))
     return 0

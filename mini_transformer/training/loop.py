@@ -577,7 +577,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         t, m = self.t, self.config.model
-        started = time.perf_counter()
+        started = self._started = time.perf_counter()
         result = TrainResult(self.out_dir, self.step, self.best_val_loss, None, config=self.config)
         if self.resume and self.step >= t.max_iters:
             self._say(f"the run in {self.out_dir} is already finished (step {self.step} of training.max_iters "
@@ -710,8 +710,12 @@ class Trainer:
             bar.write(f"step {self.step}: train loss {losses['train']:.4f}, "
                       f"val loss {losses['val']:.4f}, val ppl {perplexity(losses['val']):.2f}")
         self._record({"iter": self.step, "eval_train_loss": losses["train"], "val_loss": losses["val"],
-                      "val_ppl": perplexity(losses["val"]), "lr": lr})
+                      "val_ppl": perplexity(losses["val"]), "lr": lr, "time_s": self._elapsed()})
         return improved
+
+    def _elapsed(self) -> float:
+        """Seconds since :meth:`run` started: the x axis of the loss against wall time."""
+        return time.perf_counter() - self._started
 
     def _record(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:

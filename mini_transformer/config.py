@@ -111,7 +111,9 @@ class TrainingConfig:
     max_iters: int = 10000
     """Optimizer steps to train for."""
     max_seconds: Optional[float] = None
-    """Stop after this much wall time, evaluated and saved; null: no time limit."""
+    """Wall-time budget in seconds, from the start of the run's set-up: training stops early enough
+    for the last evaluation, checkpoint and final val pass to end within it (as timed so far);
+    null: no time limit."""
     # The schedule follows max_iters unless set: warmup at most a tenth of the run, decay to its
     # end (training/schedule.py resolve_schedule, which also says when a set one does not fit).
     warmup_iters: int = 500

@@ -454,3 +454,49 @@ def test_lora_without_a_base_is_refused(tmp_path):
     config.advanced.use_lora = True
     with pytest.raises(UserError, match="init_from"):
         quiet(config)
+
+
+def test_max_seconds_ends_the_whole_run_within_its_budget(tmp_path, monkeypatch):
+    # The budget counts from set-up and holds the last evaluation, save and final val pass: the
+    # loop stops early by what those will take, timed on the evaluations before. Evaluation is
+    # made slow here (50 ms a batch), so that ending at the budget and only then evaluating would
+    # overrun it by about a second.
+    batch_s = 0.05
+    estimate, exact = Trainer.estimate_loss, Trainer.exact_val_loss
+
+    def slow_estimate(self, *args, **kwargs):
+        time.sleep(batch_s * 2 * self.t.eval_iters)
+        return estimate(self, *args, **kwargs)
+
+    def slow_exact(self, *args, **kwargs):
+        time.sleep(batch_s * self._exact_val_batches())
+        return exact(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "estimate_loss", slow_estimate)
+    monkeypatch.setattr(Trainer, "exact_val_loss", slow_exact)
+    budget = 7.0  # set-up takes a few seconds of it
+    config = small_config(tmp_path, max_iters=10**6, max_seconds=budget, eval_interval=5)
+    started = time.perf_counter()
+    result = quiet(config)
+    elapsed = time.perf_counter() - started
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < result.step < 10**6 and result.final_val_loss is not None
+    assert records[-1]["final"] and records[-1]["time_s"] <= budget + 0.3  # one step's and the clock's noise
+    assert elapsed <= budget + 1.0  # the caller's view: set-up to return
+
+
+def test_time_budget_stops_at_the_last_step_that_leaves_room_for_the_end():
+    from mini_transformer.training.timing import TimeBudget
+
+    now = [0.0]
+    budget = TimeBudget(100.0, clock=lambda: now[0])
+    with budget.timing_evaluation(batches=40, final_pass_batches=200):
+        now[0] += 2.0  # an evaluation of 40 batches and its save: 2 s, so the final pass is 10 s
+    assert (budget.evaluation_s, budget.final_pass_s) == (2.0, 10.0)
+    # Going on from t: [evaluation due] + next step (1 s) + the end (2 s + 10 s) must fit in 100 s.
+    now[0] = 87.0
+    assert not budget.must_stop(1.0, due_to_evaluate=False)  # 87 + 1 + 12 = 100
+    assert budget.must_stop(1.0, due_to_evaluate=True)  # 87 + 2 + 1 + 12 > 100
+    now[0] = 87.5
+    assert budget.must_stop(1.0, due_to_evaluate=False)
+    assert not TimeBudget(None, clock=lambda: now[0]).must_stop(1e9, due_to_evaluate=True)

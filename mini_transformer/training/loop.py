@@ -45,7 +45,7 @@ from .flops import count_parameters, flops_per_token, measure_matmul_flops, mode
 from .metrics import MetricsLogger, Throughput
 from .optim import build_optimizer
 from .schedule import dropout_at, learning_rate_at, resolve_schedule
-from .timing import expected_time_lines, time_a_step
+from .timing import TimeBudget, expected_time_lines, time_a_step
 
 
 TROUBLESHOOTING = (
@@ -209,6 +209,7 @@ class Trainer:
         """Build the run, each piece once, in one order: the data and the resolved config; the
         model (fresh, or a base checkpoint's weights); LoRA; the wrapping (compile, DDP or
         FSDP); the optimizer; then, when resuming, all of the checkpoint's state."""
+        self.budget = TimeBudget(self.t.max_seconds)  # the run's clock starts here
         seed_everything(self.t.seed)
         if not (self.resume or self.t.init_from):  # else the tokenizer is the checkpoint's
             check_data_settings(self.config.data)
@@ -577,7 +578,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         t, m = self.t, self.config.model
-        started = self._started = time.perf_counter()
+        budget = self.budget
+        started = budget.started
         result = TrainResult(self.out_dir, self.step, self.best_val_loss, None, config=self.config)
         if self.resume and self.step >= t.max_iters:
             self._say(f"the run in {self.out_dir} is already finished (step {self.step} of training.max_iters "
@@ -598,7 +600,7 @@ class Trainer:
         throughput = Throughput(tokens_per_step, self.step)
         last_saved: Optional[Path] = None
         if self.step == 0:  # where training starts from: the baseline of the curve (and of fine-tuning)
-            with throughput.paused():
+            with throughput.paused(), budget.timing_evaluation(2 * t.eval_iters, self._exact_val_batches()):
                 self._evaluate(lr=learning_rate_at(0, t), bar=bar)
         compiling = t.compile  # the first step waits for torch.compile, minutes on a CPU
         if compiling:
@@ -610,16 +612,18 @@ class Trainer:
                 if t.dropout_end is not None:
                     self.model.set_dropout(dropout)
                 self._stop_requested_here = stop.requested
+                step_started = time.perf_counter()
                 self._train_step(lr)
                 self.step += 1
                 if compiling:
                     compiling = False
                     bar.set_description("train", refresh=False)
                 bar.update(1)
-                out_of_time = t.max_seconds is not None and time.perf_counter() - started >= t.max_seconds
+                due_to_evaluate = self.step % t.eval_interval == 0
+                out_of_time = budget.must_stop(time.perf_counter() - step_started, due_to_evaluate)
                 last_step = self.step == t.max_iters or out_of_time
                 log_step = self.step % t.log_interval == 0 or self.step == t.max_iters
-                eval_step = self.step % t.eval_interval == 0 or last_step
+                eval_step = due_to_evaluate or last_step
                 # Read the losses at log and eval steps, and often enough to stop a diverging
                 # run within max_bad_steps of its limit. Under torchrun only at steps all ranks
                 # read at, for all to see a stop request at the same step.
@@ -642,7 +646,7 @@ class Trainer:
                                   "tokens_per_s": tokens_per_s, "mfu": mfu, "matmul_flops_per_s": matmul_flops_per_s,
                                   "dropout": dropout, "time_s": now - started})
                 if eval_step:
-                    with throughput.paused():
+                    with throughput.paused(), budget.timing_evaluation(2 * t.eval_iters, self._exact_val_batches()):
                         improved = self._evaluate(lr, bar)
                         if improved or t.always_save_checkpoint or last_step:
                             last_saved = self.save(is_best=improved) or last_saved
@@ -710,12 +714,8 @@ class Trainer:
             bar.write(f"step {self.step}: train loss {losses['train']:.4f}, "
                       f"val loss {losses['val']:.4f}, val ppl {perplexity(losses['val']):.2f}")
         self._record({"iter": self.step, "eval_train_loss": losses["train"], "val_loss": losses["val"],
-                      "val_ppl": perplexity(losses["val"]), "lr": lr, "time_s": self._elapsed()})
+                      "val_ppl": perplexity(losses["val"]), "lr": lr, "time_s": self.budget.elapsed()})
         return improved
-
-    def _elapsed(self) -> float:
-        """Seconds since :meth:`run` started: the x axis of the loss against wall time."""
-        return time.perf_counter() - self._started
 
     def _record(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:

@@ -4,6 +4,10 @@ says what that means for the whole run on this device."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -79,3 +83,39 @@ def expected_time_lines(config: Config, step: int, device: torch.device, step_s:
         lines.append(f"note: that is long for a CPU; the CPU recipe trains a small character model in a few "
                      f"minutes: python train.py --config {CPU_RECIPE} {source}")
     return lines
+
+
+class TimeBudget:
+    """``training.max_seconds``: the run's wall time, counted from its set-up, ends within it.
+
+    Training stops after the last step that leaves room for what must follow it: the evaluation
+    due at that step, one more step, and the end of the run (an evaluation with its checkpoint,
+    then the final pass over the whole val split). What evaluating costs is timed on the run's
+    own evaluations; the final pass is estimated at their rate per batch.
+    """
+
+    def __init__(self, max_seconds: Optional[float], clock: Callable[[], float] = time.perf_counter):
+        self.max_seconds = max_seconds
+        self.clock = clock
+        self.started = clock()
+        self.evaluation_s = 0.0  # the last evaluation and its checkpoint, as timed
+        self.final_pass_s = 0.0  # the final val pass, at that evaluation's rate per batch
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    @contextmanager
+    def timing_evaluation(self, batches: int, final_pass_batches: int) -> Iterator[None]:
+        """Time an evaluation of ``batches`` batches (and the save after it, if any)."""
+        start = self.clock()
+        yield
+        self.evaluation_s = self.clock() - start
+        self.final_pass_s = self.evaluation_s / max(batches, 1) * final_pass_batches
+
+    def must_stop(self, step_s: float, due_to_evaluate: bool) -> bool:
+        """Whether the step just taken (``step_s`` long) must be the last one."""
+        if self.max_seconds is None:
+            return False
+        # Going on costs the evaluation due now, the next step, and then still the run's end.
+        going_on_s = (self.evaluation_s if due_to_evaluate else 0.0) + step_s
+        return self.elapsed() + going_on_s + self.evaluation_s + self.final_pass_s > self.max_seconds

@@ -95,7 +95,17 @@ if rank != 0 and os.environ.get("MT_TEST_OUT_DIR"):
     os.open, os.mkdir = audited_os_open, audited_mkdir
 
 fault, fault_step = os.environ.get("MT_TEST_FAULT"), int(os.environ.get("MT_TEST_FAULT_STEP", "0"))
-if fault and rank == 1:
+if fault == "out_of_time" and rank == 1:  # this rank's clock alone says training.max_seconds is spent
+    from mini_transformer.training.timing import TimeBudget
+
+    checks = [0]
+
+    def spent_from_fault_step(self, step_s, due_to_evaluate):
+        checks[0] += 1
+        return checks[0] >= fault_step
+
+    TimeBudget.must_stop = spent_from_fault_step
+elif fault and rank == 1:
     from mini_transformer.training.loop import Trainer
 
     original = Trainer._train_step
@@ -250,6 +260,16 @@ def fsdp_resumed(ws) -> tuple[Path, Path]:
 
 
 # -- DDP ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow  # torchrun
+def test_ranks_stop_together_when_one_rank_runs_out_of_time(ws):
+    # Each rank reads its own clock against training.max_seconds; one that is out of time stops
+    # them all at that step (a rank stopping alone would leave the others waiting in a collective).
+    ws.launch("late", "--training.max_seconds", "3600", env={"MT_TEST_FAULT": "out_of_time",
+                                                               "MT_TEST_FAULT_STEP": "2"}, timeout=90)
+    final = [r for r in records(ws.root / "late") if r.get("final")]
+    assert [r["iter"] for r in final] == [2]
+
 
 @pytest.mark.slow  # torchrun
 def test_ddp_equals_one_process_with_the_same_global_batch(ws, single_run, ddp_run):

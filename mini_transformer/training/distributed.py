@@ -330,6 +330,15 @@ def all_reduce_mean(value: torch.Tensor, ctx: DistributedContext) -> torch.Tenso
     return value
 
 
+def any_rank(flag: bool, ctx: DistributedContext, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any rank (a decision all ranks must take together)."""
+    if not ctx.enabled:
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def shutdown(ctx: DistributedContext) -> None:
     if ctx.mode != "none" and dist.is_initialized():  # a group that init_distributed joined
         dist.destroy_process_group()

@@ -38,7 +38,7 @@ from ..memory_check import refuse_if_too_large, training_fix, training_need
 from ..lora import apply_lora, base_weights_hash, lora_parameter_counts, save_adapter
 from ..model import Transformer
 from ..runlock import RunLock, acquire_run_lock
-from .distributed import (DistributedContext, all_reduce_mean, checkpointable_model, full_optimizer_state_dict,
+from .distributed import (DistributedContext, all_reduce_mean, any_rank, checkpointable_model, full_optimizer_state_dict,
                           gradient_sync, init_distributed, load_full_optimizer_state, local_scalar, planned_world_size,
                           resolve_global_batch, shard_full_state, shutdown, wrap_model)
 from .flops import count_parameters, flops_per_token, measure_matmul_flops, model_flops_utilization
@@ -621,6 +621,8 @@ class Trainer:
                 bar.update(1)
                 due_to_evaluate = self.step % t.eval_interval == 0
                 out_of_time = budget.must_stop(time.perf_counter() - step_started, due_to_evaluate)
+                if t.max_seconds is not None:  # each rank's clock differs; all stop at one step
+                    out_of_time = any_rank(out_of_time, self.dist, self.device)
                 last_step = self.step == t.max_iters or out_of_time
                 log_step = self.step % t.log_interval == 0 or self.step == t.max_iters
                 eval_step = due_to_evaluate or last_step

@@ -167,6 +167,14 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
 
+class HeadRMSNorm(nn.RMSNorm):
+    """RMSNorm over each head's dimensions (qk_norm), in the input's dtype: under autocast q and k
+    arrive in bf16 while the weight stays fp32, which would leave the fused kernel unused."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with RoPE; ``n_kv_heads`` selects MHA, GQA or MQA."""
 
@@ -185,8 +193,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         # qk_norm: each head's q and k normalised over head_dim (one weight shared by the heads,
         # as Qwen3's q_norm / k_norm), so attention logits cannot grow with the weights' scale.
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.q_norm = HeadRMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = HeadRMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 

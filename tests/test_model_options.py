@@ -206,6 +206,22 @@ def test_zero_init_makes_every_block_start_as_the_identity():
     assert default.blocks[0].attn.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(4), rel=0.2)
 
 
+def test_bf16_autocast_runs_every_option_in_half_precision():
+    import warnings
+
+    model = perturbed(Transformer(tiny_config(**OPTIONS["all"])))
+    idx = torch.randint(0, 61, (2, 16))
+    reference = model(idx, idx).loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. an fp32 norm weight on bf16 q/k: the unfused path
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(idx, idx)
+        out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    assert abs(out.loss.item() - reference.item()) < 0.05 * reference.item()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
 def test_bad_softcap_is_one_line():
     with pytest.raises(UserError, match=r"^model.logit_softcap must be positive, got 0.0; 30 is usual"):
         load_config(overrides=["--model.logit_softcap", "0"])

@@ -48,7 +48,7 @@ def estimate_memory(config: ModelConfig, batch_size: int, activation_bytes: int 
 
     The activation figure counts the tensors each block keeps for the backward pass (inputs of
     the norms and projections, q/k/v, the attention output, the SwiGLU gate, up and product or
-    relu2's up, relu and square),
+    relu2's relu and square, q and k before a qk_norm),
     the attention's T x T weights when the math path or attention dropout keeps them, dropout
     masks, and the logits with their fp32 copy for the loss. With gradient checkpointing only
     each block's input is kept, plus the activations of the one block being recomputed.
@@ -56,7 +56,7 @@ def estimate_memory(config: ModelConfig, batch_size: int, activation_bytes: int 
     params = count_parameters(config).total
     B, T, d, h = batch_size, config.block_size, config.d_model, config.hidden_size
     kv = config.kv_heads * config.head_dim
-    ffn = 4 * h if config.activation == "swiglu" else 3 * h  # relu2: up, relu and square outputs
+    ffn = 4 * h if config.activation == "swiglu" else 2 * h  # relu2: the relu and square outputs
     qk_norm = d + kv if config.qk_norm else 0  # the norms' inputs: q and k before normalising
     per_layer = activation_bytes * B * T * (9 * d + 2 * kv + ffn + qk_norm)
     if config.dropout > 0:

@@ -3,6 +3,7 @@ their math against explicit formulas, and that each flows through the KV-cache, 
 analytic parameter and FLOP counts, fingerprints, LoRA, export (refused where the target can't
 hold it) and a training run."""
 
+import dataclasses
 import json
 import math
 
@@ -17,6 +18,7 @@ from mini_transformer.errors import UserError
 from mini_transformer.interop.gguf.layout import check_gguf_exportable
 from mini_transformer.interop.hf.layout import check_exportable
 from mini_transformer.lora import apply_lora, lora_layers
+from mini_transformer.memory_check import estimate_memory
 from mini_transformer.model import KVCache, Transformer, apply_rope
 from mini_transformer.profile import profile_rows
 from mini_transformer.tokenizer import CharTokenizer
@@ -113,6 +115,33 @@ def test_analytic_flops_within_10_percent_of_flop_counter(options):
         model(idx, idx).loss.backward()
     train = counter.get_total_flops() / (B * T)
     assert abs(train - train_expected) / train < 0.10
+
+
+def _kept_bytes(config: ModelConfig) -> int:
+    """The bytes of the tensors autograd keeps for the backward pass of a batch of 4 (weights not counted)."""
+    model = Transformer(config)
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(torch.zeros(4, config.block_size, dtype=torch.long), torch.zeros(4, config.block_size, dtype=torch.long))
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_memory_estimate_grows_by_what_each_option_keeps_for_backward(options):
+    config = tiny_config(attention="sdpa", **options)
+    without = dataclasses.replace(config, activation="swiglu", qk_norm=False, logit_softcap=None,
+                                  ffn_hidden_size=config.hidden_size, zero_init_projections=False)
+    kept = _kept_bytes(config) - _kept_bytes(without)
+    estimated = estimate_memory(config, 4).activations - estimate_memory(without, 4).activations
+    assert abs(estimated - kept) <= 0.01 * _kept_bytes(without)
 
 
 def test_relu2_flops_differ_from_swiglu_by_its_matrices():

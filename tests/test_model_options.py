@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from mini_transformer.checkpoint import load_for_inference, save_inference_checkpoint
 from mini_transformer.config import Config, ModelConfig, default_ffn_hidden_size, load_config
@@ -24,6 +23,8 @@ from mini_transformer.profile import profile_rows
 from mini_transformer.tokenizer import CharTokenizer
 from mini_transformer.training.flops import count_parameters, flops_per_token
 from mini_transformer.weights import architecture, model_fingerprint
+
+from .test_profile import assert_analytic_flops_match_flop_counter
 
 OPTIONS = {
     "qk_norm": dict(qk_norm=True),
@@ -102,19 +103,8 @@ def test_parameter_count_is_exact(options):
 
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
 def test_analytic_flops_within_10_percent_of_flop_counter(options):
-    config = tiny_config(block_size=64, attention="math", **options)  # math: every matmul is visible
-    model = Transformer(config)
-    B, T = 2, config.block_size
-    idx = torch.randint(0, config.vocab_size, (B, T))
-    forward_expected, train_expected = flops_per_token(config)
-    with FlopCounterMode(display=False) as counter:
-        model(idx)
-    forward = counter.get_total_flops() / (B * T)
-    assert abs(forward - forward_expected) / forward < 0.10
-    with FlopCounterMode(display=False) as counter:
-        model(idx, idx).loss.backward()
-    train = counter.get_total_flops() / (B * T)
-    assert abs(train - train_expected) / train < 0.10
+    # The math path makes every matmul visible to FlopCounterMode.
+    assert_analytic_flops_match_flop_counter(tiny_config(block_size=64, attention="math", **options))
 
 
 def _kept_bytes(config: ModelConfig) -> int:

@@ -46,8 +46,11 @@ PRESETS_DIR = Path(__file__).parent / "configs"
 SEED_LIMIT = 2**32
 
 
-def default_ffn_hidden_size(d_model: int) -> int:
-    """SwiGLU hidden size: about 8/3 of ``d_model`` (same parameters as a 4x MLP), rounded up to 64."""
+def default_ffn_hidden_size(d_model: int, activation: str = "swiglu") -> int:
+    """SwiGLU hidden size: about 8/3 of ``d_model`` (same parameters as a 4x MLP), rounded up to 64.
+    The non-gated relu2 MLP has two matrices instead of three: 4 x ``d_model``, as GPT-2's."""
+    if activation == "relu2":
+        return 4 * d_model
     hidden = int(8 * d_model / 3)
     return 64 * ((hidden + 63) // 64)
 
@@ -71,7 +74,7 @@ class ModelConfig:
     dropout: float = 0.1
     """Dropout on embeddings, attention weights and residual branches, in [0, 1)."""
     ffn_hidden_size: Optional[int] = None
-    """SwiGLU hidden size; null: about 8/3 of d_model, rounded up to a multiple of 64."""
+    """Feed-forward hidden size; null: swiglu about 8/3 of d_model rounded up to a multiple of 64, relu2 4 x d_model."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     """The normalisation layer of every block and of the final norm."""
     norm_eps: float = 1e-5
@@ -86,6 +89,15 @@ class ModelConfig:
     """Attention kernel: auto picks flash-attn, SDPA or the explicit path; math is the explicit softmax."""
     init_std: float = 0.02
     """Standard deviation of the weight initialisation (residual projections scaled by 1/sqrt(2 n_layers))."""
+    # Options from the modded-nanogpt speedrun, each off by default (README, "The model").
+    activation: Literal["swiglu", "relu2"] = "swiglu"
+    """Feed-forward: swiglu down(silu(gate(x)) * up(x)), or relu2 down(relu(up(x))^2), the speedrun's non-gated MLP."""
+    qk_norm: bool = False
+    """RMSNorm of each head's queries and keys (learned weight of head_dim, eps norm_eps), before RoPE."""
+    logit_softcap: Optional[float] = None
+    """Cap the logits smoothly: cap * tanh(logits / cap) (15 or 30 are usual); null: off."""
+    zero_init_projections: bool = False
+    """Initialise the attention output and feed-forward down projections to zero (each block starts as the identity)."""
 
     @property
     def kv_heads(self) -> int:
@@ -97,7 +109,7 @@ class ModelConfig:
 
     @property
     def hidden_size(self) -> int:
-        return self.ffn_hidden_size or default_ffn_hidden_size(self.d_model)
+        return self.ffn_hidden_size or default_ffn_hidden_size(self.d_model, self.activation)
 
 
 @dataclass
@@ -369,6 +381,9 @@ class Config:
                            ("model.rope_base", m.rope_base), ("training.eps", t.eps)]:
             if value <= 0:
                 raise UserError(f"{key} must be positive, got {value}; set it to a value > 0")
+        if m.logit_softcap is not None and m.logit_softcap <= 0:
+            raise UserError(f"model.logit_softcap must be positive, got {m.logit_softcap}; 30 is usual, "
+                            "or leave it unset (null) for no cap")
         for key, value in [("training.weight_decay", t.weight_decay), ("training.grad_clip", t.grad_clip),
                            ("training.warmup_iters", t.warmup_iters), ("model.init_std", m.init_std)]:
             if value < 0:

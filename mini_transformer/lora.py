@@ -27,7 +27,8 @@ B train (``rank * (in + out)`` numbers per layer instead of ``in * out``); :func
 folds ``B @ A * alpha / r`` into W afterwards, so a merged model runs at the base's speed.
 
 Targets, by name inside each block: ``attention`` = ``attn.qkv`` (the fused q, k, v projection)
-and ``attn.proj``; ``ffn`` = ``ffn.gate_up`` (fused gate and up) and ``ffn.down``. The LM head
+and ``attn.proj``; ``ffn`` = ``ffn.gate_up`` (fused gate and up; ``ffn.up`` in the non-gated
+``activation: relu2`` MLP) and ``ffn.down``. The LM head
 is never targeted: it is tied to the embedding by default, and an adapter there would have to
 untie it to merge.
 
@@ -65,10 +66,11 @@ ADAPTER_WEIGHTS_FILE = "adapter.safetensors"
 ADAPTER_CONFIG_FILE = "adapter.json"
 ADAPTER_FORMAT_VERSION = 1
 
-# Which Linear layers of a block each target names (attribute paths inside ``blocks[i]``).
+# Which Linear layers of a block each target names (attribute paths inside ``blocks[i]``). A
+# block has ``ffn.gate_up`` (SwiGLU) or ``ffn.up`` (relu2), never both: the one it has is targeted.
 TARGET_LAYERS: dict[str, tuple[str, ...]] = {
     "attention": ("attn.qkv", "attn.proj"),
-    "ffn": ("ffn.gate_up", "ffn.down"),
+    "ffn": ("ffn.gate_up", "ffn.up", "ffn.down"),
 }
 
 
@@ -158,7 +160,16 @@ def target_names(model: nn.Module, targets: Iterable[str] = ("attention",)) -> l
         raise UserError(f"unknown LoRA target {unknown[0] if unknown else '(none)'}; "
                         f"use one or more of {', '.join(TARGET_LAYERS)}")
     paths = [p for t in TARGET_LAYERS if t in targets for p in TARGET_LAYERS[t]]  # each layer once
-    return [f"blocks.{i}.{path}" for i in range(len(model.blocks)) for path in paths]
+    return [f"blocks.{i}.{path}" for i, block in enumerate(model.blocks) for path in paths
+            if _has_submodule(block, path)]
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,

@@ -47,7 +47,8 @@ def estimate_memory(config: ModelConfig, batch_size: int, activation_bytes: int 
     """Bytes for fp32 weights, gradients, AdamW state (two moments) and saved activations.
 
     The activation figure counts the tensors each block keeps for the backward pass (inputs of
-    the norms and projections, q/k/v, the attention output, the SwiGLU gate, up and product),
+    the norms and projections, q/k/v, the attention output, the SwiGLU gate, up and product or
+    relu2's relu and square, q and k before a qk_norm),
     the attention's T x T weights when the math path or attention dropout keeps them, dropout
     masks, and the logits with their fp32 copy for the loss. With gradient checkpointing only
     each block's input is kept, plus the activations of the one block being recomputed.
@@ -55,7 +56,9 @@ def estimate_memory(config: ModelConfig, batch_size: int, activation_bytes: int 
     params = count_parameters(config).total
     B, T, d, h = batch_size, config.block_size, config.d_model, config.hidden_size
     kv = config.kv_heads * config.head_dim
-    per_layer = activation_bytes * B * T * (9 * d + 2 * kv + 4 * h)
+    ffn = 4 * h if config.activation == "swiglu" else 2 * h  # relu2: the relu and square outputs
+    qk_norm = d + kv if config.qk_norm else 0  # the norms' inputs: q and k before normalising
+    per_layer = activation_bytes * B * T * (9 * d + 2 * kv + ffn + qk_norm)
     if config.dropout > 0:
         per_layer += 2 * B * T * d  # the residual dropouts' masks, one byte per element
     if config.attention == "math" or config.dropout > 0:
@@ -63,7 +66,8 @@ def estimate_memory(config: ModelConfig, batch_size: int, activation_bytes: int 
         # fused CPU kernels don't do. Per weight: fp32 scores and probabilities, the dropped
         # probabilities, and a byte mask.
         per_layer += 13 * B * config.n_heads * T * T
-    logits = activation_bytes * 3 * B * T * (config.vocab_size or 0)
+    logit_copies = 4 if config.logit_softcap is not None else 3  # the softcap keeps its tanh
+    logits = activation_bytes * logit_copies * B * T * (config.vocab_size or 0)
     if gradient_checkpointing:
         activations = config.n_layers * activation_bytes * B * T * d + per_layer + logits
     else:

@@ -1,5 +1,9 @@
 r"""The decoder-only Transformer: RoPE, pre-norm, SwiGLU, MHA/GQA/MQA attention, a KV-cache.
 
+Options from the modded-nanogpt speedrun, each off by default: ``qk_norm`` (RMSNorm of each
+head's q and k), ``activation: relu2`` (a non-gated MLP), ``logit_softcap`` and
+``zero_init_projections``.
+
 This module knows nothing of training, data, generation or the command line.
 
 Shapes in comments: B batch, T new tokens in this call, L keys visible (cache length),
@@ -163,6 +167,14 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
 
+class HeadRMSNorm(nn.RMSNorm):
+    """RMSNorm over each head's dimensions (qk_norm), in the input's dtype: under autocast q and k
+    arrive in bf16 while the weight stays fp32, which would leave the fused kernel unused."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with RoPE; ``n_kv_heads`` selects MHA, GQA or MQA."""
 
@@ -179,6 +191,10 @@ class CausalSelfAttention(nn.Module):
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         self.qkv = nn.Linear(config.d_model, qkv_out, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        # qk_norm: each head's q and k normalised over head_dim (one weight shared by the heads,
+        # as Qwen3's q_norm / k_norm), so attention logits cannot grow with the weights' scale.
+        self.q_norm = HeadRMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = HeadRMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -198,8 +214,11 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * K, D)
+        qk = qkv[:, :, : H + K]  # (B, T, H + K, D)
+        if self.q_norm is not None:  # before RoPE: the cache holds normalised, rotated keys
+            qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
         # Rotate q and k together: one set of elementwise kernels instead of two.
-        qk = apply_rope(qkv[:, :, : H + K], cos, sin)  # (B, T, H + K, D)
+        qk = apply_rope(qk, cos, sin)  # (B, T, H + K, D)
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, D)
         k = qk[:, :, H:].transpose(1, 2)  # (B, K, T, D)
         v = qkv[:, :, H + K:].transpose(1, 2)  # (B, K, T, D)
@@ -280,6 +299,24 @@ class SwiGLU(nn.Module):
         return self.dropout(self.down(F.silu(gate) * up))
 
 
+class ReLU2MLP(nn.Module):
+    """The speedrun's non-gated feed-forward: down(relu(up(x))^2), two matrices instead of three."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.hidden_size = hidden
+        self.up = nn.Linear(config.d_model, hidden, bias=config.bias)
+        self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.relu(self.up(x)).square()))
+
+
+FEED_FORWARD = {"swiglu": SwiGLU, "relu2": ReLU2MLP}  # by ModelConfig.activation
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
@@ -288,7 +325,7 @@ class Block(nn.Module):
         self.attn_norm = make_norm(config)
         self.attn = CausalSelfAttention(config)
         self.ffn_norm = make_norm(config)
-        self.ffn = SwiGLU(config)
+        self.ffn = FEED_FORWARD[config.activation](config)
 
     def forward(self, x, cos, sin, cache=None, input_pos=None, mask=None, need_weights=False):
         attn_out, weights = self.attn(self.attn_norm(x), cos, sin, cache, input_pos, mask, need_weights)
@@ -331,7 +368,8 @@ class Transformer(nn.Module):
 
     # -- initialisation -----------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """GPT-2 style init; residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        """GPT-2 style init; residual output projections scaled by 1/sqrt(2 * n_layers), or zero
+        with ``zero_init_projections`` (each block then starts as the identity, as in the speedrun)."""
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -344,8 +382,11 @@ class Transformer(nn.Module):
                 module.reset_parameters()
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.ffn.down.weight, mean=0.0, std=residual_std)
+            for projection in (block.attn.proj.weight, block.ffn.down.weight):
+                if self.config.zero_init_projections:
+                    nn.init.zeros_(projection)
+                else:
+                    nn.init.normal_(projection, mean=0.0, std=residual_std)
 
     # -- where and how it runs -------------------------------------------------------------
     @property
@@ -391,6 +432,9 @@ class Transformer(nn.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        if cap is not None:  # a smooth bound: every path to logits (decoding too) comes through here
+            logits = cap * torch.tanh(logits / cap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),

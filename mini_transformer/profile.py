@@ -112,9 +112,13 @@ def profile_rows(config: Config, measured: dict | None = None) -> list[tuple[str
     tokens = batch * m.block_size
     mem = estimate_memory(m, batch, gradient_checkpointing=config.training.gradient_checkpointing)
     attn = "MHA" if m.kv_heads == m.n_heads else ("MQA" if m.kv_heads == 1 else f"GQA ({m.kv_heads} kv heads)")
+    ffn = "SwiGLU" if m.activation == "swiglu" else "relu2 MLP"
+    options = ", qk-norm" if m.qk_norm else ""
+    if m.logit_softcap is not None:
+        options += f", logit softcap {m.logit_softcap:g}"
     rows = [
         ("architecture", f"d_model {m.d_model}, {m.n_heads} heads ({attn}), {m.n_layers} layers, "
-                         f"context {m.block_size}, vocab {m.vocab_size}, SwiGLU {m.hidden_size}, {m.norm}"),
+                         f"context {m.block_size}, vocab {m.vocab_size}, {ffn} {m.hidden_size}, {m.norm}{options}"),
         ("parameters, total", f"{params.total:,} ({human_count(params.total)})"),
         ("parameters, non-embedding", f"{params.non_embedding:,} ({human_count(params.non_embedding)})"),
         ("FLOPs per token, forward", human_count(fwd)),

@@ -23,13 +23,18 @@ import torch
 import torch.nn as nn
 
 
-# Config fields that do not change the weights: the same weights run with any dropout and kernel.
-_NOT_ARCHITECTURE = ("dropout", "attention")
+# Config fields that do not change the weights: the same weights run with any dropout and kernel,
+# and however they were initialised.
+_NOT_ARCHITECTURE = ("dropout", "attention", "zero_init_projections")
+# Fields added after checkpoints and adapters recorded fingerprints, with their defaults: left out
+# while at the default, so that a model without the option keeps the fingerprint it had.
+_ADDED_LATER = {"activation": "swiglu", "qk_norm": False, "logit_softcap": None}
 
 
 def architecture(config: Any) -> dict[str, Any]:
     """The fields of a :class:`~mini_transformer.config.ModelConfig` that decide the weights."""
-    return {k: v for k, v in vars(config).items() if k not in _NOT_ARCHITECTURE}
+    return {k: v for k, v in vars(config).items()
+            if k not in _NOT_ARCHITECTURE and not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
 
 
 def model_fingerprint(config: Any) -> str:

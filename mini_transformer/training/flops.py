@@ -9,8 +9,9 @@ per token forward and 4mn backward, so
 
 N_matmul is every weight that takes part in a matmul: the non-embedding parameters in the
 blocks plus the LM head (vocab x d_model, counted even when tied, since the product is computed).
-Norm parameters are left out (they cost O(d) per token). T is the context (``block_size``); the
-attention term counts the full T x T scores, as the kernels compute them.
+Norm parameters are left out (they cost O(d) per token), and so are the elementwise options
+(qk_norm, the logit softcap). T is the context (``block_size``); the attention term counts the
+full T x T scores, as the kernels compute them.
 
 The ceiling is measured, not looked up: :func:`measure_matmul_flops` times the fastest large
 matmul on this device in the training dtype when a run starts. So the ``mfu`` the training loop
@@ -41,14 +42,16 @@ def count_parameters(config: ModelConfig) -> ParameterCount:
     d, h, V, L = config.d_model, config.hidden_size, config.vocab_size or 0, config.n_layers
     qkv_out = (config.n_heads + 2 * config.kv_heads) * config.head_dim
     b = 1 if config.bias else 0
-    attn = d * qkv_out + b * qkv_out + d * d + b * d
-    ffn = d * 2 * h + b * 2 * h + h * d + b * d
+    qk_norm = 2 * config.head_dim if config.qk_norm else 0  # one RMSNorm weight for q, one for k
+    attn = d * qkv_out + b * qkv_out + d * d + b * d + qk_norm
+    up = 2 * h if config.activation == "swiglu" else h  # SwiGLU's up holds the gate too
+    ffn = d * up + b * up + h * d + b * d
     norm = d if config.norm == "rmsnorm" else d * (1 + b)
     per_layer = attn + ffn + 2 * norm
     embedding = V * d
     head = 0 if config.tie_embeddings else V * d
     non_embedding = L * per_layer + norm + head
-    matmul_per_layer = d * qkv_out + d * d + d * 2 * h + h * d
+    matmul_per_layer = d * qkv_out + d * d + d * up + h * d
     return ParameterCount(
         total=embedding + non_embedding,
         embedding=embedding,

@@ -27,7 +27,7 @@ import torch
 
 from ...config import ModelConfig
 from ...errors import UserError
-from ..hf.layout import TOP_LEVEL_KEYS, to_hf_state_dict
+from ..hf.layout import TOP_LEVEL_KEYS, option_without_counterpart, to_hf_state_dict
 
 LLAMA = "llama"
 STABLELM = "stablelm"
@@ -48,6 +48,10 @@ def check_gguf_exportable(config: ModelConfig) -> None:
     """Raise a one-line :class:`UserError` unless a llama.cpp architecture computes what ``config`` does."""
     if config.vocab_size is None:
         raise UserError("the model config has no vocab_size; export a trained checkpoint")
+    option = option_without_counterpart(config)
+    if option is not None:
+        raise UserError(f"{option} has no llama.cpp architecture to export to (llama and stablelm lack it); "
+                        "export a model trained without it, or run this one with mini-transformer generate or serve")
     reason = None
     if config.norm not in ARCHITECTURE_OF_NORM:
         reason = f"norm {config.norm!r} has no llama.cpp architecture"

@@ -49,8 +49,8 @@ from ...quantize import QuantizedEmbedding, QuantizedLinear, load_quantized, rea
 from ...safetensors_io import write_safetensors
 from ...weights import assign_weights, tied_names, weights_state_dict
 from . import ADAPTER_FORMATS
-from .layout import (GENERATION_CONFIG_FILE, HF_CONFIG_FILE, HF_WEIGHTS_FILE, TOP_LEVEL_KEYS, check_exportable,
-                     hf_architecture, hf_config, hf_module_names, row_splits, to_hf_state_dict)
+from .layout import (BLOCK_KEYS, GENERATION_CONFIG_FILE, HF_CONFIG_FILE, HF_WEIGHTS_FILE, TOP_LEVEL_KEYS,
+                     check_exportable, hf_architecture, hf_config, hf_module_names, row_splits, to_hf_state_dict)
 from .tokenizer import save_hf_tokenizer
 
 AdapterFormat = Literal["merged", "peft"]  # for type checkers; ADAPTER_FORMATS at run time
@@ -237,8 +237,9 @@ def peft_state_dict(lora_state: dict[str, torch.Tensor], config: ModelConfig) ->
 
 def peft_target_modules(settings: LoRASettings) -> list[str]:
     """PEFT ``target_modules`` (HF projection names) for our LoRA targets."""
+    # ffn.up (the relu2 MLP) has no HF layer: such models are refused before (check_exportable).
     modules = [name.rpartition(".")[2] for target in settings.targets for ours in TARGET_LAYERS[target]
-               for name in hf_module_names(ours)]
+               if f"{ours}.weight" in BLOCK_KEYS for name in hf_module_names(ours)]
     return sorted(set(modules))
 
 

@@ -81,6 +81,22 @@ def hf_architecture(config: ModelConfig) -> str:
     return ARCHITECTURE_OF_NORM[config.norm]
 
 
+def option_without_counterpart(config: ModelConfig) -> Optional[str]:
+    """The first model option that neither Llama nor StableLM computes (in HF or llama.cpp), as
+    ``key value``; None if there is none. ``zero_init_projections`` is only an initialisation.
+
+    An export is exact or refused: Llama has no q/k norms (Qwen3 does), no logit softcap (Gemma 2
+    does) and a gated MLP only.
+    """
+    if config.qk_norm:
+        return "model.qk_norm true"
+    if config.activation != "swiglu":
+        return f"model.activation {config.activation}"
+    if config.logit_softcap is not None:
+        return f"model.logit_softcap {config.logit_softcap:g}"
+    return None
+
+
 def check_exportable(config: ModelConfig) -> None:
     """Raise a one-line :class:`UserError` unless an HF class computes exactly what ``config`` does.
 
@@ -88,6 +104,10 @@ def check_exportable(config: ModelConfig) -> None:
     """
     if config.vocab_size is None:
         raise UserError("the model config has no vocab_size; export a trained checkpoint")
+    option = option_without_counterpart(config)
+    if option is not None:
+        raise UserError(f"{option} has no Hugging Face class to export to (Llama and StableLM lack it); "
+                        "export a model trained without it, or run this one with mini-transformer generate or serve")
     if config.norm not in ARCHITECTURE_OF_NORM:
         raise UserError(f"norm {config.norm!r} has no Hugging Face class; exportable: {EXPORTABLE}")
     if config.norm == "layernorm" and config.bias:

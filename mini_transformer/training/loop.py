@@ -357,7 +357,7 @@ class Trainer:
     def _build_optimizer(self) -> None:
         """The optimizer over the trainable parameters (under FSDP, their shards), and the fp16 loss scaler."""
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, self.t, self.device)
+        self.optimizer = build_optimizer(self.model, self.t, self.device, self.dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
         # Fused AdamW can skip a non-finite step on the device (its found_inf input, which
         # GradScaler uses), so the host need not wait for each step's loss. fp16 loss scaling

@@ -33,8 +33,8 @@ def check_optimizer_supported(config: Config) -> None:
                         "training.optimizer adamw for LoRA (or fine-tune all weights: finetune --full)")
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig,
-                    device: torch.device) -> Union[torch.optim.AdamW, Any]:
+def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> Union[torch.optim.AdamW, Any]:
     """AdamW over every trainable parameter, or (``optimizer: muon``) a
     :class:`~.muon.MuonWithAdamW` with Muon for the 2-D matrices inside ``model.blocks``.
 
@@ -43,7 +43,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig,
     head), as in GPT-2 and nanoGPT. Norm weights and biases (1-D) do not. Only trainable
     parameters are given to the optimizer, so a LoRA run holds state for its adapters alone. The
     fused kernel is used where the device has it (CUDA, and CPU in recent PyTorch), otherwise the
-    multi-tensor ``foreach`` one.
+    multi-tensor ``foreach`` one. Muon's Newton-Schulz runs in bf16 (as PyTorch's) when the run
+    trains in bf16 (``dtype``), in fp32 otherwise (see :mod:`.muon`).
     """
     muon_params = muon_parameters(model) if cfg.optimizer == "muon" else []
     in_muon = {id(p) for p in muon_params}
@@ -60,13 +61,11 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig,
     adamw = torch.optim.AdamW(groups, **kwargs)
     if cfg.optimizer != "muon":
         return adamw
-    from .muon import MuonWithAdamW, SplitMuon  # torch.optim.Muon exists (check_optimizer_supported)
+    from .muon import BlockwiseMuon, MuonWithAdamW  # torch.optim.Muon exists (check_optimizer_supported)
 
-    muon_kwargs = dict(lr=cfg.muon_learning_rate, weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum)
-    if cfg.muon_split_fused:
-        muon = SplitMuon(muon_params, row_blocks=fused_row_blocks(model), **muon_kwargs)
-    else:
-        muon = torch.optim.Muon(muon_params, **muon_kwargs)
+    muon = BlockwiseMuon(muon_params, row_blocks=fused_row_blocks(model) if cfg.muon_split_fused else {},
+                         ns_dtype=torch.bfloat16 if dtype is torch.bfloat16 else torch.float32,
+                         lr=cfg.muon_learning_rate, weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum)
     return MuonWithAdamW(adamw, muon)
 
 

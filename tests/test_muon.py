@@ -4,15 +4,15 @@ the grad scaler, exact resume, and the settings it is refused with."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from mini_transformer import checkpoint as ckpt
-from mini_transformer.config import ModelConfig, TrainingConfig, load_config
+from mini_transformer.config import Config, ModelConfig, TrainingConfig, load_config
 from mini_transformer.errors import UserError
 from mini_transformer.model import Transformer
+from mini_transformer.training import optim
 from mini_transformer.training.muon import BlockwiseMuon, MuonWithAdamW
 from mini_transformer.training.optim import build_optimizer, set_learning_rates
 
@@ -34,7 +34,7 @@ def group_names(model: torch.nn.Module, groups: list[dict]) -> list[set[str]]:
     return [{names[id(p)] for p in group["params"]} for group in groups]
 
 
-# -- (a) which parameters go where ------------------------------------------------------------
+# -- which parameters go where ------------------------------------------------------------
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tie):
@@ -66,7 +66,7 @@ def test_the_schedule_scales_each_optimizer_from_its_own_peak():
     assert len(optimizer.param_groups) == 3  # what the loop and the grad scaler iterate
 
 
-# -- (b) one Muon update against the explicit math ------------------------------------------------
+# -- one Muon update against the explicit math ------------------------------------------------
 
 NS_A, NS_B, NS_C = 3.4445, -4.7750, 2.0315
 
@@ -189,7 +189,7 @@ def test_the_grad_scaler_unscales_and_skips_for_both_optimizers():
     assert scaler.get_scale() == 512.0
 
 
-# -- (c) checkpoints and exact resume -----------------------------------------------------------
+# -- checkpoints and exact resume -----------------------------------------------------------
 
 @pytest.mark.parametrize("split", [True, pytest.param(False, marks=pytest.mark.slow)])  # the default, fast
 def test_resume_with_muon_equals_uninterrupted_run(tmp_path, split):
@@ -219,7 +219,7 @@ def test_an_adamw_checkpoint_resumes_with_adamw_and_is_refused_with_muon(tmp_pat
     assert quiet(small_config(tmp_path, max_iters=6), resume=True).step == 6
 
 
-# -- (d) settings that are refused -------------------------------------------------------------
+# -- settings that are refused -------------------------------------------------------------
 
 @pytest.mark.parametrize("override, message", [
     (("--training.optimizer", "sgd"), "training.optimizer must be one of 'adamw', 'muon'"),
@@ -251,11 +251,22 @@ def test_muon_is_refused_under_fsdp_before_joining(run_cli, tmp_path, monkeypatc
     assert "set training.distributed to ddp, or training.optimizer to adamw" in line
 
 
+def test_muon_is_refused_where_pytorch_lacks_it(monkeypatch):
+    config = Config(training=TrainingConfig(optimizer="muon"))
+    optim.check_optimizer_supported(config)
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(UserError, match=r"training.optimizer muon needs torch.optim.Muon \(PyTorch >= 2.9; this "
+                                        r"is .*\); upgrade PyTorch or set training.optimizer adamw"):
+        optim.check_optimizer_supported(config)
+    config.training.optimizer = "adamw"
+    optim.check_optimizer_supported(config)
+
+
 def test_muon_is_refused_with_lora(run_cli, tmp_path):
     line = _one_line_error(run_cli, "finetune", "--quiet", "--checkpoint", str(tmp_path / "base"),
                            "--data.path", str(tmp_path / "input.txt"), "--training.optimizer", "muon")
     assert line == ("error: training.optimizer muon trains whole weight matrices, not LoRA adapters; set "
-                    "training.optimizer adamw for LoRA (or fine-tune all weights: finetune --full)")
+                    "training.optimizer adamw for LoRA, or train all the weights without LoRA")
 
 
 # -- DDP ------------------------------------------------------------------------------------------

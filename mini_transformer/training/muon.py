@@ -17,6 +17,9 @@ PyTorch's :class:`torch.optim.Muon` (2.9 and later: import this module only wher
     in bf16 and 0.09 s in fp32 (its forward and backward 0.15-0.3 s). A run that trains in bf16
     computes it in bf16; one that trains in fp32 (or fp16) in fp32.
 
+  Both call PyTorch's private helpers ``_zeropower_via_newtonschulz`` and ``_adjust_lr``, so
+  that the math stays PyTorch's; tests/test_muon.py checks the result against an explicit one.
+
 * :class:`MuonWithAdamW`: the two optimizers behind the one interface the training loop, the
   grad scaler and the checkpoints use (``param_groups``, ``step``, ``zero_grad``,
   ``state_dict``, ``load_state_dict``).

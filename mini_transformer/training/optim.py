@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
 from ..config import Config, TrainingConfig
 from ..errors import UserError
 from ..model import CausalSelfAttention, SwiGLU
+
+if TYPE_CHECKING:
+    from .muon import MuonWithAdamW
 
 
 def muon_available() -> bool:
@@ -30,11 +33,11 @@ def check_optimizer_supported(config: Config) -> None:
         # Muon orthogonalises whole weight matrices; a LoRA adapter is a rank-r factor of an
         # update, where that has no clear meaning. Refused rather than quietly given to AdamW.
         raise UserError("training.optimizer muon trains whole weight matrices, not LoRA adapters; set "
-                        "training.optimizer adamw for LoRA (or fine-tune all weights: finetune --full)")
+                        "training.optimizer adamw for LoRA, or train all the weights without LoRA")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig, device: torch.device,
-                    dtype: torch.dtype = torch.float32) -> Union[torch.optim.AdamW, Any]:
+                    dtype: torch.dtype = torch.float32) -> Union[torch.optim.AdamW, MuonWithAdamW]:
     """AdamW over every trainable parameter, or (``optimizer: muon``) a
     :class:`~.muon.MuonWithAdamW` with Muon for the 2-D matrices inside ``model.blocks``.
 

@@ -144,6 +144,18 @@ class TrainingConfig:
     """AdamW's beta2."""
     eps: float = 1e-8
     """AdamW's epsilon."""
+    # Muon (training/muon.py) takes the 2-D weight matrices inside the blocks; AdamW keeps the
+    # embedding, the LM head, norms and biases with the keys above.
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw, or muon: Muon for the blocks' weight matrices, AdamW for embedding, LM head, norms, biases."""
+    muon_learning_rate: float = 0.02
+    """Muon's peak learning rate; the schedule scales it as it scales learning_rate."""
+    muon_weight_decay: float = 0.01
+    """Muon's decoupled weight decay (each step multiplies the matrices by 1 - lr x weight_decay)."""
+    muon_momentum: float = 0.95
+    """Muon's momentum (Nesterov), in [0, 1)."""
+    muon_split_fused: bool = True  # measured: 0.05-0.06 lower val loss than false (BENCHMARKS.md)
+    """Orthogonalise q, k, v and gate, up apart (false: the fused qkv and gate_up matrices whole)."""
     grad_clip: float = 1.0
     """Clip the gradient norm at this value; 0 disables clipping."""
     gradient_accumulation_steps: int = 1
@@ -377,7 +389,8 @@ class Config:
                            ("advanced.lora_dropout", a.lora_dropout)]:
             if value is not None and not 0.0 <= value < 1.0:
                 raise UserError(f"{key} must be in [0, 1), got {value}; 0.1 is a common choice")
-        for key, value in [("training.learning_rate", t.learning_rate), ("model.norm_eps", m.norm_eps),
+        for key, value in [("training.learning_rate", t.learning_rate),
+                           ("training.muon_learning_rate", t.muon_learning_rate), ("model.norm_eps", m.norm_eps),
                            ("model.rope_base", m.rope_base), ("training.eps", t.eps)]:
             if value <= 0:
                 raise UserError(f"{key} must be positive, got {value}; set it to a value > 0")
@@ -385,10 +398,12 @@ class Config:
             raise UserError(f"model.logit_softcap must be positive, got {m.logit_softcap}; 30 is usual, "
                             "or leave it unset (null) for no cap")
         for key, value in [("training.weight_decay", t.weight_decay), ("training.grad_clip", t.grad_clip),
+                           ("training.muon_weight_decay", t.muon_weight_decay),
                            ("training.warmup_iters", t.warmup_iters), ("model.init_std", m.init_std)]:
             if value < 0:
                 raise UserError(f"{key} must be >= 0, got {value}; 0 turns it off")
-        for key, value in [("training.beta1", t.beta1), ("training.beta2", t.beta2)]:
+        for key, value in [("training.beta1", t.beta1), ("training.beta2", t.beta2),
+                           ("training.muon_momentum", t.muon_momentum)]:
             if not 0.0 <= value < 1.0:
                 raise UserError(f"{key} must be in [0, 1), got {value}; typical values are 0.9 and 0.95")
         if not 0.0 < d.val_fraction < 1.0:

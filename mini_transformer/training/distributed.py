@@ -91,8 +91,8 @@ def resolve_global_batch(cfg: TrainingConfig, world_size: int) -> TrainingConfig
     return dataclasses.replace(cfg, gradient_accumulation_steps=cfg.global_batch_size // per_micro_step)
 
 
-def check_fsdp_supported(device_type: str, backend: str, dtype: str) -> None:
-    """Raise :class:`UserError` where FSDP2 cannot run: old PyTorch, device, backend, fp16."""
+def check_fsdp_supported(device_type: str, backend: str, dtype: str, optimizer: str = "adamw") -> None:
+    """Raise :class:`UserError` where FSDP2 cannot run: old PyTorch, device, backend, fp16, Muon."""
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401  (PyTorch >= 2.6)
     except ImportError:
@@ -107,6 +107,11 @@ def check_fsdp_supported(device_type: str, backend: str, dtype: str) -> None:
     if dtype == "fp16":
         raise UserError("training.distributed fsdp does not support fp16 (the grad scaler cannot unscale "
                         "sharded gradients); set training.dtype to bf16 or fp32, or training.distributed to ddp")
+    if optimizer == "muon":
+        # Newton-Schulz orthogonalises a whole matrix; each rank holds only a shard of its rows.
+        raise UserError("training.optimizer muon does not work with training.distributed fsdp (it orthogonalises "
+                        "whole weight matrices, FSDP shards them); set training.distributed to ddp, or "
+                        "training.optimizer to adamw")
 
 
 def init_distributed(cfg: TrainingConfig, device_type: str,
@@ -129,7 +134,7 @@ def init_distributed(cfg: TrainingConfig, device_type: str,
     if backend == "nccl" and device_type != "cuda":
         raise UserError("training.backend nccl needs CUDA devices; set training.backend to gloo on CPU")
     if mode == "fsdp":
-        check_fsdp_supported(device_type, backend, cfg.dtype)
+        check_fsdp_supported(device_type, backend, cfg.dtype, cfg.optimizer)
     timeout_s = cfg.dist_timeout_s if timeout_s is None else timeout_s
     if timeout_s <= 0:
         raise UserError(f"training.dist_timeout_s must be positive, got {timeout_s}; 300 is the default")

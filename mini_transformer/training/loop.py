@@ -43,7 +43,7 @@ from .distributed import (DistributedContext, all_reduce_mean, any_rank, checkpo
                           resolve_global_batch, shard_full_state, shutdown, wrap_model)
 from .flops import count_parameters, flops_per_token, measure_matmul_flops, model_flops_utilization
 from .metrics import MetricsLogger, Throughput
-from .optim import build_optimizer
+from .optim import build_optimizer, check_optimizer_supported, set_learning_rates
 from .schedule import dropout_at, learning_rate_at, resolve_schedule
 from .timing import TimeBudget, expected_time_lines, time_a_step
 
@@ -162,6 +162,7 @@ class Trainer:
         training = resolve_global_batch(config.training, planned_world_size(config.training))
         self.config: Config = dataclasses.replace(config, training=training)
         self.config.check_batch_is_indexable()  # a size no device holds, --force or not; before out_dir
+        check_optimizer_supported(self.config)
         self.dist: DistributedContext = init_distributed(self.t, self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -179,9 +180,9 @@ class Trainer:
         self._base_weights_hash: Optional[str] = None  # of a LoRA run's frozen base
         self.step_model: Optional[torch.nn.Module] = None  # the training step's: compiled, DDP or FSDP
         self.trainable_params: list[torch.nn.Parameter] = []
-        self.optimizer: Optional[torch.optim.AdamW] = None
+        self.optimizer: Any = None  # AdamW, or MuonWithAdamW (training/muon.py)
         self.scaler: Optional[torch.amp.GradScaler] = None
-        self._skips_on_device = False  # whether fused AdamW skips non-finite steps by itself
+        self._skips_on_device = False  # whether fused AdamW skips non-finite steps by itself (Muon does not)
         self.metrics: Optional[MetricsLogger] = None  # rank 0 only
 
         # Where the run stands: from step 0, or from a resumed checkpoint.
@@ -309,12 +310,18 @@ class Trainer:
                       f"section's {', '.join(unused)} do not apply (dropout does)")
 
     def _check_resumable(self, directory: Path) -> None:
-        """Refuse a checkpoint of another model shape before building anything."""
+        """Refuse a checkpoint of another model shape, or of the other optimizer, before building
+        anything. (A checkpoint from before training.optimizer existed reads as adamw.)"""
         saved = ckpt.read_config(directory)
         if ckpt.model_fingerprint(saved.model) != ckpt.model_fingerprint(self.config.model):
             raise UserError(f"the checkpoint to resume in {directory} is of a different model shape "
                             f"({_shape(saved)} vs {_shape(self.config)}); resume with its config, or start a new "
                             "run in another training.out_dir")
+        if saved.training.optimizer != self.t.optimizer:
+            raise UserError(f"the checkpoint to resume in {directory} was trained with training.optimizer "
+                            f"{saved.training.optimizer}, not {self.t.optimizer}; resume with training.optimizer "
+                            f"{saved.training.optimizer}, or start a new run in another training.out_dir with "
+                            f"training.init_from {directory}")
 
     def _check_memory(self) -> None:
         """Refuse a run whose estimate exceeds the memory the device has, before the model exists:
@@ -349,15 +356,15 @@ class Trainer:
         self._say(f"LoRA rank {a.lora_rank}: {trainable:,} trainable of {total:,} parameters ({fraction:.2%})")
 
     def _build_optimizer(self) -> None:
-        """AdamW over the trainable parameters (under FSDP, their shards), and the fp16 loss scaler."""
+        """The optimizer over the trainable parameters (under FSDP, their shards), and the fp16 loss scaler."""
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, self.t, self.device)
+        self.optimizer = build_optimizer(self.model, self.t, self.device, self.dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
         # Fused AdamW can skip a non-finite step on the device (its found_inf input, which
         # GradScaler uses), so the host need not wait for each step's loss. fp16 loss scaling
-        # and FSDP's sharded norms keep the host-side decision.
-        self._skips_on_device = bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled() \
-            and self.dist.mode != "fsdp"
+        # and FSDP's sharded norms keep the host-side decision, as does Muon (no found_inf input).
+        self._skips_on_device = isinstance(self.optimizer, torch.optim.AdamW) \
+            and bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled() and self.dist.mode != "fsdp"
 
     def _load_resume_state(self, directory: Path) -> None:
         """Everything a resumed run continues from: the weights, the optimizer and loss-scaler
@@ -410,7 +417,7 @@ class Trainer:
 
     # -- one optimizer step ---------------------------------------------------------------------
     def _train_step(self, lr: float) -> None:
-        """Forward, backward, clip and AdamW step; the loss and norm wait in ``self._pending``.
+        """Forward, backward, clip and optimizer step; the loss and norm wait in ``self._pending``.
 
         Why no ``.item()`` here: reading a value makes the host wait until the device has
         finished the step, so a GPU would idle while the host queues the next one. Where fused
@@ -419,8 +426,7 @@ class Trainer:
         settles every step.
         """
         t = self.t
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rates(self.optimizer, lr, t)  # lr is AdamW's; Muon's is as far along its own
         accum = t.gradient_accumulation_steps
         total = torch.zeros((), device=self.device)
         for micro in range(accum):

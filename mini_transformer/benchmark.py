@@ -25,7 +25,7 @@ from .config import Config, ModelConfig, load_config
 from .decode_layout import to_decode_layout
 from .device import autocast, cpu_flags, cpuinfo_field, dtype_name, resolve_device, resolve_dtype
 from .errors import SettingError, UserError
-from .generation import KVCachePool, generate
+from .generation import KVCachePool, generate, generate_batch
 from .model import Transformer
 from .profile import (
     count_parameters, flops_per_token, human_bytes, measure_matmul_flops, measure_training_step_peak, synchronize,
@@ -168,15 +168,20 @@ def _our_loss(model, x, y):
 
 
 def our_generation_fn(model: Transformer, prompt: list[int], new_tokens: int, use_cache: bool = True,
-                      compile_model: bool = False):
+                      compile_model: bool = False, batch_size: int = 1):
+    """Greedy generation of ``new_tokens`` after ``prompt`` as ``generate`` runs it (``batch_size``
+    copies of the prompt decoded together past 1): a function to time."""
     # One pool for every timed call: compiled decoding on CUDA replays a graph that reads the
     # KV-cache where it was recorded, so each call must get the same cache back.
     cache_pool = KVCachePool()
+    settings = dict(max_new_tokens=new_tokens, temperature=0.0, use_cache=use_cache, compile=compile_model,
+                    cache_pool=cache_pool)
 
     def run() -> None:
-        out = generate(model, prompt, max_new_tokens=new_tokens, temperature=0.0, use_cache=use_cache,
-                       compile=compile_model, cache_pool=cache_pool)
-        assert len(out) == new_tokens
+        if batch_size == 1:
+            assert len(generate(model, prompt, **settings)) == new_tokens
+        else:
+            assert all(len(row) == new_tokens for row in generate_batch(model, [prompt] * batch_size, **settings))
 
     return run
 

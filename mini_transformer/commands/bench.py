@@ -14,7 +14,9 @@ EXAMPLES = """\
   mini-transformer bench --compare hf                     # ours vs transformers' LlamaForCausalLM
   mini-transformer bench --compare hf --presets small --dtype bf16
   mini-transformer bench --compare llamacpp               # ours vs llama.cpp decoding the same weights (GGUF)
-  mini-transformer bench --profile --presets small        # Chrome trace + top operators
+  mini-transformer bench --profile --presets small        # training: Chrome trace + top operators
+  mini-transformer bench --profile decode                 # where a generated token's time goes (CPU)
+  mini-transformer bench --profile decode --presets small --compile --gen_tokens 100
 """
 
 
@@ -33,14 +35,18 @@ def register(subparsers) -> None:
         examples=EXAMPLES)
     parser.add_argument("--presets", nargs="+", default=None, metavar="NAME",
                         help="presets to run (default: tiny small medium large; with --compare: tiny small)")
-    parser.add_argument("--batch_size", type=int, default=32, help="sequences per training step (default: 32)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="sequences per training step (default: 32); with --profile decode, prompts "
+                             "decoded together (default: 1)")
     parser.add_argument("--block_size", type=int, default=None,
                         help="context length (default 256 for the table, each preset's own with --compare)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="with --compare, 'auto' runs both fp32 and bf16")
+                        help="with --compare, 'auto' runs both fp32 and bf16; with --profile decode, fp32")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     add_setting_flags(parser, {"device": "--device", **{name: f"--{name}" for name in COUNTS}})
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps (median); large takes fewer")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed training steps (median); large takes fewer; with --profile decode, "
+                             "timed generations")
     parser.add_argument("--gen_tokens", type=int, default=200, help="tokens generated per timing (default: 200)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile our training step and our decode step")
@@ -49,8 +55,10 @@ def register(subparsers) -> None:
     parser.add_argument("--compare", choices=["hf", "llamacpp"],
                         help="also time a peer: hf, Hugging Face LlamaForCausalLM; llamacpp, llama.cpp's greedy "
                              "decoding of the same weights exported to GGUF (fp32, needs llama-cpp-python)")
-    parser.add_argument("--profile", action="store_true",
-                        help="write a torch.profiler Chrome trace of a few training steps and print top ops")
+    parser.add_argument("--profile", nargs="?", const="train", choices=["train", "decode"],
+                        help="train (the default): a torch.profiler Chrome trace of a few training steps and the "
+                             "top ops; decode: where a generated token's time goes on the CPU (matmuls, "
+                             "attention, other ops, sampling, overhead), with a Chrome trace")
     parser.add_argument("--out", default="bench_out", metavar="DIR", help="where markdown and JSON go")
     parser.set_defaults(run=run)
 
@@ -61,17 +69,24 @@ def run(args, overrides: list[str]) -> int:
     from .. import benchmark as bench
     from ..atomic import check_can_be_directory
     from ..device import dtype_name, resolve_device, resolve_dtype
+    from ..errors import UserError
 
     bench.check_counts(**{name: getattr(args, name) for name in COUNTS})
     out = Path(args.out)
     check_can_be_directory(out)  # before minutes of measuring
-    device = resolve_device(args.device)
+    decode_profile = args.profile == "decode"
+    if decode_profile and args.device not in ("auto", "cpu"):
+        raise UserError("bench --profile decode profiles decoding on the CPU; leave out --device or set it to cpu")
+    device = torch.device("cpu") if decode_profile else resolve_device(args.device)
     machine = bench.machine_description(device)
     print(f"machine: {machine}")
+    if decode_profile:
+        return _profile_decode(args, out, machine)
+    batch_size = args.batch_size or 32  # for training; decoding has its own default
     if args.profile:
         for preset in args.presets or ["small"]:
             trace = out / f"trace-{preset}.json"
-            table = bench.profile_training(preset, trace, batch_size=args.batch_size, block_size=args.block_size,
+            table = bench.profile_training(preset, trace, batch_size=batch_size, block_size=args.block_size,
                                            dtype_spec=args.dtype, device_spec=args.device)
             print(f"\n{preset}: Chrome trace written to {trace} (open in chrome://tracing or Perfetto)\n{table}")
         return 0
@@ -87,14 +102,14 @@ def run(args, overrides: list[str]) -> int:
         rows = []
         for preset in args.presets or ["tiny", "small"]:
             for dtype in dtypes:
-                rows.append(bench.compare_with_hf(preset, dtype, args.batch_size, args.block_size, args.device,
+                rows.append(bench.compare_with_hf(preset, dtype, batch_size, args.block_size, args.device,
                                                   args.steps, gen_tokens=args.gen_tokens,
                                                   compile_model=args.compile))
                 print(bench.compare_row(rows[-1]), flush=True)
         finish(out, "compare_hf", bench.compare_table(rows), [bench.compare_busy_note(rows)], rows, machine)
         return 0
     settings = bench.BenchSettings(
-        presets=args.presets or ["tiny", "small", "medium", "large"], batch_size=args.batch_size,
+        presets=args.presets or ["tiny", "small", "medium", "large"], batch_size=batch_size,
         block_size=args.block_size or 256, dtype=args.dtype, device=args.device, steps=args.steps,
         gen_tokens=args.gen_tokens, memory=args.memory, compile=args.compile)
     print(f"batch {settings.batch_size}, block {settings.block_size}, "
@@ -136,4 +151,22 @@ def _compare_llamacpp(args, out: Path, machine: str) -> int:
           f"{rows[0]['prompt_tokens']}-token prompt, {rows[0]['gen_tokens']} new tokens; "
           f"ratio = our speed / llama.cpp's\n\n{table}")
     bench.write_results(out, "compare_llamacpp", table, rows, machine)
+    return 0
+
+
+def _profile_decode(args, out: Path, machine: str) -> int:
+    from .. import benchmark as bench
+    from .. import decode_profile
+
+    rows = []
+    for preset in args.presets or ["tiny", "small"]:
+        rows.append(decode_profile.profile_decode(
+            preset, out / f"trace-decode-{preset}.json", dtype_spec=args.dtype, batch_size=args.batch_size or 1,
+            block_size=args.block_size or 256, gen_tokens=args.gen_tokens, compile_model=args.compile,
+            repeats=args.steps))
+        print(f"\n{decode_profile.report(rows[-1])}", flush=True)
+    note = decode_profile.profiler_note(rows)
+    print(f"\n{note}")
+    bench.write_results(out, "profile_decode", "\n\n".join([*map(decode_profile.report, rows), note]), rows,
+                        machine)
     return 0

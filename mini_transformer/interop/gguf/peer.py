@@ -10,7 +10,9 @@ llama.cpp run starts from an empty KV-cache, so both pay the prompt's prefill.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,35 +39,55 @@ def compare_with_llamacpp(preset: str, *, block_size: Optional[int] = None, gen_
     llamacpp.import_llama_cpp()
     threads = threads or torch.get_num_threads()
     config = preset_model_config(preset, block_size or DEFAULT_BLOCK_SIZE, norm="rmsnorm")
-    if prompt_tokens + gen_tokens > config.block_size:
-        raise UserError(f"prompt and generated tokens ({prompt_tokens + gen_tokens}) exceed the context "
-                        f"({config.block_size}); raise --block_size or lower --gen_tokens")
+    check_fits(prompt_tokens, gen_tokens, config.block_size)
     torch.manual_seed(0)
     ours = Transformer(config).eval()
     prompt = list(range(1, prompt_tokens + 1))
     previous = torch.get_num_threads()
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = save_inference_checkpoint(Path(tmp) / "model", ours, Config(model=config), CharTokenizer(_CHARS))
-        path = export_gguf(checkpoint, Path(tmp) / "model.gguf", outtype="f32").path
-        llm = llamacpp.load_llama(path, n_ctx=config.block_size, threads=threads)
+    with llamacpp_generation_fn(ours, prompt, gen_tokens, threads) as peer_generate:
         to_decode_layout(ours)  # as load_for_inference gives it to generate
         ours_generate = our_generation_fn(ours, prompt, gen_tokens)
-
-        def peer_generate() -> None:
-            out = llamacpp.greedy(llm, prompt, gen_tokens)
-            assert len(out) == gen_tokens
-
         torch.set_num_threads(threads)
         try:
             ours_time, peer_time = interleaved_median_times([ours_generate, peer_generate], repeats, 1,
                                                             torch.device("cpu"))
         finally:
             torch.set_num_threads(previous)
-            llm.close()
     return {"preset": preset, "dtype": "fp32 / f32", "threads": threads, "prompt_tokens": prompt_tokens,
             "gen_tokens": gen_tokens, "parameters": ours.num_parameters(),
             "ours_tokens_per_s": gen_tokens / ours_time, "peer_tokens_per_s": gen_tokens / peer_time,
             "ratio": peer_time / ours_time}
+
+
+def check_fits(prompt_tokens: int, gen_tokens: int, block_size: int) -> None:
+    """Refuse a prompt and generation longer than the context: llama.cpp's context would overflow
+    where ours slides its window, and the two would no longer decode the same way."""
+    if prompt_tokens + gen_tokens > block_size:
+        raise UserError(f"prompt and generated tokens ({prompt_tokens + gen_tokens}) exceed the context "
+                        f"({block_size}); raise --block_size or lower --gen_tokens")
+
+
+@contextlib.contextmanager
+def llamacpp_generation_fn(model: Transformer, prompt: list[int], gen_tokens: int,
+                           threads: int) -> Iterator[Callable[[], None]]:
+    """llama.cpp's greedy decoding of ``prompt`` on ``model``'s weights (saved, exported to an f32
+    GGUF file, loaded with ``threads``): a function to time, valid inside the block. Call it
+    before converting ``model`` for decoding (dtype, decode layout): the file takes its weights."""
+    config = model.config
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = save_inference_checkpoint(Path(tmp) / "model", model, Config(model=config),
+                                               CharTokenizer(_CHARS))
+        path = export_gguf(checkpoint, Path(tmp) / "model.gguf", outtype="f32").path
+        llm = llamacpp.load_llama(path, n_ctx=config.block_size, threads=threads)
+
+        def peer_generate() -> None:
+            out = llamacpp.greedy(llm, prompt, gen_tokens)
+            assert len(out) == gen_tokens
+
+        try:
+            yield peer_generate
+        finally:
+            llm.close()
 
 
 def llamacpp_table(rows: list[dict[str, Any]]) -> str:

@@ -14,7 +14,9 @@ wall time of the whole command.
 ``--fixed-time`` adds a second pass in which every variant gets the baseline's training time:
 a variant whose steps are slower gets proportionally fewer of them (its lr schedule is fitted to
 that many steps, since ``--training.max_iters`` on the command line rescales it), one that is
-faster gets more. The per-step times come from the fixed-step pass of the same run.
+faster gets more. The per-step times are measured in one process, the variants' steps timed in
+turn (whole runs' wall times drift with the machine's load); a variant within 3% of the
+baseline's step count keeps its fixed-step result.
 
 Results go to ``--out`` (``results.jsonl``, one line per run, and the run directories) and a
 markdown table is printed at the end.
@@ -31,6 +33,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# At fixed time, a variant within this fraction of the baseline's step count is not run again:
+# its fixed-step run is already a fixed-time run, up to the noise of the step times.
+REUSE_WITHIN = 0.03
 
 # Each lever as command-line overrides of the recipe.
 LEVERS: dict[str, list[str]] = {
@@ -74,6 +79,42 @@ def train(config: str, overrides: list[str], out_dir: Path, data: str) -> dict:
             "step_ms": 1000 * train_records[-1]["time_s"] / max(train_records[-1]["iter"], 1)}
 
 
+def step_ms_in_turn(config: str, variants: list[str], repeats: int = 7) -> dict[str, float]:
+    """Each variant's training step (forward, backward, clip, optimizer) in one process, ten
+    steps at a time, timed in turn: the ratios that set the fixed-time step counts. Whole runs'
+    wall times move with the machine's load over minutes; steps timed in turn see the same."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from mini_transformer.benchmark import interleaved_median_times
+    from mini_transformer.config import load_config
+    from mini_transformer.device import autocast, resolve_dtype
+    from mini_transformer.model import Transformer
+    from mini_transformer.training.optim import build_optimizer
+
+    def ten_steps(variant: str):
+        cfg = load_config(config, overrides=["--model.vocab_size", "65", *variant_overrides(variant)])
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        cpu = torch.device("cpu")
+        dtype = resolve_dtype(cfg.training.dtype, cpu)  # as the runs train: bf16 autocast where fast
+        optimizer = build_optimizer(model, cfg.training, cpu, dtype)
+        x = torch.randint(0, 65, (cfg.training.batch_size, cfg.model.block_size))
+
+        def run() -> None:
+            for _ in range(10):
+                with autocast(cpu, dtype):
+                    loss = model(x, x).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return run
+
+    seconds = interleaved_median_times([ten_steps(v) for v in variants], repeats, 1, torch.device("cpu"))
+    return {variant: 100 * s for variant, s in zip(variants, seconds)}  # ms per step
+
+
 def table(results: list[dict], mode: str) -> str:
     rows = [r for r in results if r["mode"] == mode]
     if not rows:
@@ -105,6 +146,7 @@ def main() -> None:
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="overrides for every run, e.g. --extra --training.eval_interval 500")
     parser.add_argument("--out", default="/tmp/ablation")
+    parser.add_argument("--step-times-only", action="store_true", help="print each variant's ms per step and stop")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -128,16 +170,29 @@ def main() -> None:
               flush=True)
         return result
 
+    if args.step_times_only:
+        for variant, ms in step_ms_in_turn(args.config, args.variants).items():
+            print(f"{variant}: {ms:.1f} ms per step")
+        return
     # Seeds outside, variants inside: the machine's drift over the run spreads over all variants.
     for seed in args.seeds:
         for variant in args.variants:
             run(variant, seed, "steps", args.steps)
     if args.fixed_time:
-        step_ms = {v: statistics.median(r["step_ms"] for r in results if r["variant"] == v) for v in args.variants}
+        step_ms = step_ms_in_turn(args.config, args.variants)
+        print("ms per step, timed in turn: " + ", ".join(f"{v} {ms:.1f}" for v, ms in step_ms.items()), flush=True)
         budget_ms = args.steps * step_ms.get("baseline", statistics.median(step_ms.values()))
         for seed in args.seeds:
             for variant in args.variants:
-                run(variant, seed, "time", max(1, round(budget_ms / step_ms[variant])))
+                steps = max(1, round(budget_ms / step_ms[variant]))
+                if abs(steps - args.steps) <= REUSE_WITHIN * args.steps:  # as fast as the baseline
+                    same = next(r for r in results if r["mode"] == "steps" and r["variant"] == variant
+                                and r["seed"] == seed)
+                    results.append({**same, "mode": "time", "reused": True})
+                    print(f"{'time':>10} {variant:>28} seed {seed}: {steps} steps fit, within "
+                          f"{REUSE_WITHIN:.0%} of {args.steps}: the fixed-step run stands", flush=True)
+                else:
+                    run(variant, seed, "time", steps)
 
     print(f"\nfixed steps ({args.steps}), {args.config}:\n" + table(results, "steps"))
     if args.fixed_time:

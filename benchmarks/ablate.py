@@ -152,9 +152,16 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    results: list[dict] = []
+    # Runs already in --out are kept, not repeated: an ablation can grow by seeds and variants.
+    results: list[dict] = ([json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
+                           if results_path.exists() else [])
 
     def run(variant: str, seed: int, mode: str, steps: int) -> dict:
+        done = [r for r in results if (r["variant"], r["seed"], r["mode"], r["steps"]) == (variant, seed, mode, steps)
+                and not r.get("reused")]
+        if done:
+            print(f"{mode:>10} {variant:>28} seed {seed}: kept from {results_path}", flush=True)
+            return done[-1]
         run_dir = out / f"{mode}-{variant}-{seed}"
         if run_dir.exists():
             subprocess.run(["rm", "-rf", str(run_dir)], check=True)
@@ -187,14 +194,16 @@ def main() -> None:
                 steps = max(1, round(budget_ms / step_ms[variant]))
                 if abs(steps - args.steps) <= REUSE_WITHIN * args.steps:  # as fast as the baseline
                     same = next(r for r in results if r["mode"] == "steps" and r["variant"] == variant
-                                and r["seed"] == seed)
+                                and r["seed"] == seed and r["steps"] == args.steps)
                     results.append({**same, "mode": "time", "reused": True})
                     print(f"{'time':>10} {variant:>28} seed {seed}: {steps} steps fit, within "
                           f"{REUSE_WITHIN:.0%} of {args.steps}: the fixed-step run stands", flush=True)
                 else:
                     run(variant, seed, "time", steps)
 
-    print(f"\nfixed steps ({args.steps}), {args.config}:\n" + table(results, "steps"))
+    results = [r for r in results if r["variant"] in args.variants and r["seed"] in args.seeds]
+    print(f"\nfixed steps ({args.steps}), {args.config}:\n" + table([r for r in results if r["steps"] == args.steps
+                                                                     or r["mode"] != "steps"], "steps"))
     if args.fixed_time:
         print("\nfixed training time (the baseline's, steps scaled by each variant's step time):\n"
               + table(results, "time"))

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import time
 
 from .commands.common import CommandParser, with_flags
 from .commands.extras import check_extras
@@ -54,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns (and, as a console script, exits with) the status code."""
+    started = time.perf_counter()  # before torch is imported: training.max_seconds holds it all
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.started = started
     try:
         # The subcommand's own parser: its flags are what a mistyped flag is compared with.
         check_extras(args.command_parser, extra, getattr(args, "accepts_overrides", False))

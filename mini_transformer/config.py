@@ -123,7 +123,7 @@ class TrainingConfig:
     max_iters: int = 10000
     """Optimizer steps to train for."""
     max_seconds: Optional[float] = None
-    """Wall-time budget in seconds, from the start of the run's set-up: training stops early enough
+    """Wall-time budget in seconds, from the start of the command: training stops early enough
     for the last evaluation, checkpoint and final val pass to end within it (as timed so far);
     null: no time limit."""
     # The schedule follows max_iters unless set: warmup at most a tenth of the run, decay to its

@@ -82,7 +82,8 @@ def plot_run(out_dir: str | Path) -> list[Path]:
 
 def plot_val_loss_vs_time(out_dirs: Sequence[str | Path], png: str | Path) -> Path:
     """Val loss against wall time of one or more runs in one figure: which run gets lower,
-    sooner. Each run's exact final val loss (the whole split) is the large marker at its end."""
+    sooner. Each run's exact final val loss (the whole split) is the large marker at its end.
+    The evaluation at step 0 (about ln(vocabulary size)) is left out: it would squeeze the rest."""
     runs = []
     for out_dir in out_dirs:
         out = Path(out_dir)
@@ -90,7 +91,7 @@ def plot_val_loss_vs_time(out_dirs: Sequence[str | Path], png: str | Path) -> Pa
             raise UserError(f"no metrics.jsonl in {str(out)!r}; pass the training.out_dir of a run")
         records = read_metrics(out)
         val = [(r["time_s"] / 60, r["val_loss"]) for r in records
-               if r.get("val_loss") is not None and r.get("time_s") is not None]
+               if r.get("val_loss") is not None and r.get("time_s") is not None and r["iter"] > 0]
         final = [(r["time_s"] / 60, r["final_val_loss"]) for r in records if r.get("final_val_loss") is not None]
         if not val and not final:
             raise UserError(f"{out / 'metrics.jsonl'} has no timed val losses (runs trained before they were "
@@ -103,7 +104,7 @@ def plot_val_loss_vs_time(out_dirs: Sequence[str | Path], png: str | Path) -> Pa
         if final:
             ax.plot(*zip(*final), "D", color=line.get_color(), markersize=8,
                     label=f"{name}: exact val loss {final[0][1]:.4f}")
-    ax.set_xlabel("wall time of the training loop (minutes)")
+    ax.set_xlabel("wall time since the run started (minutes)")
     ax.set_ylabel("val loss (nats/token)")
     ax.set_title("val loss against wall time")
     ax.grid(alpha=0.3)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from mini_transformer.config import (
-    SECTION_TYPES, Config, _flat_key_homes, _type_hints, load_config, preset_names,
+    SECTION_TYPES, Config, _flat_key_homes, _type_hints, load_config, preset_names, preset_path,
 )
 from mini_transformer.errors import UserError
 
@@ -165,3 +165,20 @@ def test_cli_config_errors_exit_2_without_traceback(argv, pattern):
 def test_config_equality_after_dict_roundtrip():
     config = load_config(preset="gpt2")
     assert Config.from_dict(config.to_dict()) == config
+
+
+def test_the_modern_cpu_recipe_is_the_cpu_recipe_with_the_ablations_levers():
+    # BENCHMARKS.md's ablation runs the modern recipe as the CPU recipe plus every lever of
+    # benchmarks/ablate.py ("all"): the two must not drift apart.
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        from ablate import variant_overrides
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    ablated = load_config(REPO_ROOT / "configs/shakespeare_char_cpu.yaml", overrides=variant_overrides("all"))
+    modern = load_config(REPO_ROOT / "configs/shakespeare_char_cpu_modern.yaml")
+    ablated.training.out_dir = modern.training.out_dir
+    assert (ablated.model, ablated.training, ablated.data) == (modern.model, modern.training, modern.data)
+    # The packaged presets are the same files.
+    for name in ("shakespeare_char_cpu_modern", "shakespeare_char_cpu_30min"):
+        assert (REPO_ROOT / "configs" / f"{name}.yaml").read_text() == preset_path(name).read_text()

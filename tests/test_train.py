@@ -500,3 +500,5 @@ def test_time_budget_stops_at_the_last_step_that_leaves_room_for_the_end():
     now[0] = 87.5
     assert budget.must_stop(1.0, due_to_evaluate=False)
     assert not TimeBudget(None, clock=lambda: now[0]).must_stop(1e9, due_to_evaluate=True)
+    # The train command's clock starts with the command (imports and all), not at set-up.
+    assert TimeBudget(100.0, clock=lambda: now[0], started=80.0).elapsed() == 7.5

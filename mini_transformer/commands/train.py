@@ -39,5 +39,6 @@ def run(args, overrides: list[str]) -> int:
     from ..training import train
 
     config = config_from_args(args, overrides)
-    result = train(config, resume=args.resume, progress=not args.quiet, force=args.force)
+    result = train(config, resume=args.resume, progress=not args.quiet, force=args.force,
+                   started=args.started)
     return 0 if result.step > 0 or result.interrupted else 1

@@ -150,8 +150,9 @@ class Trainer:
     """
 
     def __init__(self, config: Config, *, resume: bool = False, progress: bool = True,
-                 log: Any = print, force: bool = False):
+                 log: Any = print, force: bool = False, started: Optional[float] = None):
         self.resume = resume
+        self._started = started  # what training.max_seconds counts from (None: set-up)
         self.force = force  # skip the memory check (_check_memory)
         self.progress = progress
         self.log = log
@@ -210,7 +211,7 @@ class Trainer:
         """Build the run, each piece once, in one order: the data and the resolved config; the
         model (fresh, or a base checkpoint's weights); LoRA; the wrapping (compile, DDP or
         FSDP); the optimizer; then, when resuming, all of the checkpoint's state."""
-        self.budget = TimeBudget(self.t.max_seconds)  # the run's clock starts here
+        self.budget = TimeBudget(self.t.max_seconds, started=self._started)  # the run's clock
         seed_everything(self.t.seed)
         if not (self.resume or self.t.init_from):  # else the tokenizer is the checkpoint's
             check_data_settings(self.config.data)
@@ -797,11 +798,13 @@ def _shape(config: Config) -> str:
 
 
 def train(config: Config, *, resume: bool = False, progress: bool = True, log: Any = print,
-          force: bool = False) -> TrainResult:
+          force: bool = False, started: Optional[float] = None) -> TrainResult:
     """Train with ``config`` (left unchanged); returns the final step, losses, the best/final val
     loss and the config as resolved for the run. A run whose memory estimate exceeds what the
-    device has is refused before the model is built, unless ``force``."""
-    trainer = Trainer(config, resume=resume, progress=progress, log=log, force=force)
+    device has is refused before the model is built, unless ``force``. ``started``: the
+    ``time.perf_counter()`` that ``training.max_seconds`` counts from (default: now; the train
+    command passes its process's start, so that the budget holds the whole command)."""
+    trainer = Trainer(config, resume=resume, progress=progress, log=log, force=force, started=started)
     try:
         trainer.setup()
         return trainer.run()

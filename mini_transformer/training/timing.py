@@ -94,10 +94,11 @@ class TimeBudget:
     own evaluations; the final pass is estimated at their rate per batch.
     """
 
-    def __init__(self, max_seconds: Optional[float], clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, max_seconds: Optional[float], clock: Callable[[], float] = time.perf_counter,
+                 started: Optional[float] = None):
         self.max_seconds = max_seconds
         self.clock = clock
-        self.started = clock()
+        self.started = clock() if started is None else started  # a command passes its own start
         self.evaluation_s = 0.0  # the last evaluation and its checkpoint, as timed
         self.final_pass_s = 0.0  # the final val pass, at that evaluation's rate per batch
 

@@ -186,7 +186,16 @@ def main() -> None:
         for variant in args.variants:
             run(variant, seed, "steps", args.steps)
     if args.fixed_time:
-        step_ms = step_ms_in_turn(args.config, args.variants)
+        # Measured once per --out: a grown ablation keeps the step counts it started with.
+        step_ms_path = out / "step_ms.json"
+        step_ms = json.loads(step_ms_path.read_text()) if step_ms_path.exists() else {}
+        missing = [v for v in args.variants if v not in step_ms]
+        if missing:
+            measured = step_ms_in_turn(args.config, list(dict.fromkeys(["baseline", *missing])))
+            # New variants join at their ratio to the baseline, timed with it just now.
+            scale = step_ms.get("baseline", measured["baseline"]) / measured["baseline"]
+            step_ms.update({v: measured[v] * scale for v in measured if v not in step_ms})
+            step_ms_path.write_text(json.dumps(step_ms))
         print("ms per step, timed in turn: " + ", ".join(f"{v} {ms:.1f}" for v, ms in step_ms.items()), flush=True)
         budget_ms = args.steps * step_ms.get("baseline", statistics.median(step_ms.values()))
         for seed in args.seeds:

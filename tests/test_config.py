@@ -1,6 +1,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -170,15 +171,16 @@ def test_config_equality_after_dict_roundtrip():
 def test_the_modern_cpu_recipe_is_the_cpu_recipe_with_the_ablations_levers():
     # BENCHMARKS.md's ablation runs the modern recipe as the CPU recipe plus every lever of
     # benchmarks/ablate.py ("all"): the two must not drift apart.
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    benchmarks = str(Path(REPO_ROOT) / "benchmarks")
+    sys.path.insert(0, benchmarks)
     try:
         from ablate import variant_overrides
     finally:
-        sys.path.remove(str(REPO_ROOT / "benchmarks"))
-    ablated = load_config(REPO_ROOT / "configs/shakespeare_char_cpu.yaml", overrides=variant_overrides("all"))
-    modern = load_config(REPO_ROOT / "configs/shakespeare_char_cpu_modern.yaml")
+        sys.path.remove(benchmarks)
+    ablated = load_config(Path(REPO_ROOT) / "configs/shakespeare_char_cpu.yaml", overrides=variant_overrides("all"))
+    modern = load_config(Path(REPO_ROOT) / "configs/shakespeare_char_cpu_modern.yaml")
     ablated.training.out_dir = modern.training.out_dir
     assert (ablated.model, ablated.training, ablated.data) == (modern.model, modern.training, modern.data)
     # The packaged presets are the same files.
     for name in ("shakespeare_char_cpu_modern", "shakespeare_char_cpu_30min"):
-        assert (REPO_ROOT / "configs" / f"{name}.yaml").read_text() == preset_path(name).read_text()
+        assert (Path(REPO_ROOT) / "configs" / f"{name}.yaml").read_text() == preset_path(name).read_text()

@@ -194,11 +194,20 @@ class Terminal:
         self.buffer = ""
 
     def expect(self, text: str, timeout: float = 60.0) -> str:
+        self._read_until(lambda: text in self.buffer, repr(text), timeout)
+        before, _, self.buffer = self.buffer.partition(text)
+        return before
+
+    def expect_output(self, chars: int, timeout: float = 60.0) -> None:
+        """Wait until at least ``chars`` characters have arrived (a generation under way)."""
+        self._read_until(lambda: len(self.buffer) >= chars, f"{chars} characters of output", timeout)
+
+    def _read_until(self, done, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while text not in self.buffer:
+        while not done():
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"timed out waiting for {text!r}; got:\n{self.buffer[-2000:]}")
+                raise AssertionError(f"timed out waiting for {what}; got:\n{self.buffer[-2000:]}")
             ready, _, _ = select.select([self.fd], [], [], left)
             if ready:
                 try:
@@ -206,10 +215,8 @@ class Terminal:
                 except OSError:  # the child closed the terminal
                     chunk = b""
                 if not chunk:
-                    raise AssertionError(f"terminal closed while waiting for {text!r}; got:\n{self.buffer[-2000:]}")
+                    raise AssertionError(f"terminal closed while waiting for {what}; got:\n{self.buffer[-2000:]}")
                 self.buffer += chunk.decode("utf-8", errors="replace")
-        before, _, self.buffer = self.buffer.partition(text)
-        return before
 
     def send(self, data: str) -> None:
         os.write(self.fd, data.encode())
@@ -259,7 +266,8 @@ def test_repl_changes_settings_survives_ctrl_c_and_exits_on_ctrl_d(ckpt):
         term.send("/max_tokens 1000000\n")
         term.expect(">>> ")
         term.send("the\n")
-        time.sleep(1.0)
+        term.expect("the")  # the echo; then wait for the generation itself, however loaded the machine
+        term.expect_output(16)
         term.send("\x03")
         term.expect("[interrupted]")
         term.expect(">>> ")

@@ -190,6 +190,10 @@ class Terminal:
                "PYTHONUNBUFFERED": "1"}
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child
+            # A terminal's program starts with Ctrl-C's default action; a pytest-xdist worker
+            # ignores SIGINT, and an ignored signal stays ignored across exec (Python would then
+            # install no KeyboardInterrupt handler at all).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execve(sys.executable, [sys.executable, *argv], env)
         self.buffer = ""
 

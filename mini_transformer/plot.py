@@ -32,8 +32,10 @@ def pyplot():
     return plt
 
 
-def plot_run(out_dir: str | Path) -> list[Path]:
-    """Write ``loss.png`` and ``lr_grad_norm.png`` into ``out_dir`` from its ``metrics.jsonl``."""
+def plot_run(out_dir: str | Path, time_png: Optional[str | Path] = None) -> list[Path]:
+    """Write ``loss.png`` and ``lr_grad_norm.png`` into ``out_dir`` from its ``metrics.jsonl``, and
+    the val loss against wall time (:func:`plot_val_loss_vs_time`) to ``time_png`` (default
+    ``out_dir/val_loss_vs_time.png``) when the evaluations are timed."""
     out = Path(out_dir)
     if not (out / "metrics.jsonl").is_file():
         raise UserError(f"no metrics.jsonl in {str(out)!r}; pass the training.out_dir of a run")
@@ -77,6 +79,10 @@ def plot_run(out_dir: str | Path) -> list[Path]:
         _save_png(fig, out / "lr_grad_norm.png")
         plt.close(fig)
         written.append(out / "lr_grad_norm.png")
+    timed = _timed_val_losses(records)
+    if timed[0] or timed[1] or time_png is not None:
+        written.append(_draw_val_loss_vs_time([(out.name, *_checked(out, timed))],
+                                              Path(time_png or out / "val_loss_vs_time.png")))
     return written
 
 
@@ -89,14 +95,29 @@ def plot_val_loss_vs_time(out_dirs: Sequence[str | Path], png: str | Path) -> Pa
         out = Path(out_dir)
         if not (out / "metrics.jsonl").is_file():
             raise UserError(f"no metrics.jsonl in {str(out)!r}; pass the training.out_dir of a run")
-        records = read_metrics(out)
-        val = [(r["time_s"] / 60, r["val_loss"]) for r in records
-               if r.get("val_loss") is not None and r.get("time_s") is not None and r["iter"] > 0]
-        final = [(r["time_s"] / 60, r["final_val_loss"]) for r in records if r.get("final_val_loss") is not None]
-        if not val and not final:
-            raise UserError(f"{out / 'metrics.jsonl'} has no timed val losses (runs trained before they were "
-                            "timed have none); train the run again to plot it against wall time")
-        runs.append((out.name, val, final[-1:]))
+        runs.append((out.name, *_checked(out, _timed_val_losses(read_metrics(out)))))
+    return _draw_val_loss_vs_time(runs, Path(png))
+
+
+Points = list[tuple[float, float]]  # (minutes, loss)
+
+
+def _timed_val_losses(records: list[dict]) -> tuple[Points, Points]:
+    """The timed evaluations after step 0, and the final exact val loss (at most one point)."""
+    val = [(r["time_s"] / 60, r["val_loss"]) for r in records
+           if r.get("val_loss") is not None and r.get("time_s") is not None and r["iter"] > 0]
+    final = [(r["time_s"] / 60, r["final_val_loss"]) for r in records if r.get("final_val_loss") is not None]
+    return val, final[-1:]
+
+
+def _checked(out: Path, timed: tuple[Points, Points]) -> tuple[Points, Points]:
+    if not (timed[0] or timed[1]):
+        raise UserError(f"{out / 'metrics.jsonl'} has no timed val losses (runs trained before they were "
+                        "timed have none); train the run again to plot it against wall time")
+    return timed
+
+
+def _draw_val_loss_vs_time(runs: list[tuple[str, Points, Points]], png: Path) -> Path:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, val, final in runs:
@@ -110,9 +131,9 @@ def plot_val_loss_vs_time(out_dirs: Sequence[str | Path], png: str | Path) -> Pa
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _save_png(fig, Path(png))
+    _save_png(fig, png)
     plt.close(fig)
-    return Path(png)
+    return png
 
 
 def _save_png(fig, path: Path) -> None:

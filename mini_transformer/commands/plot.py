@@ -28,18 +28,11 @@ def register(subparsers) -> None:
 
 
 def run(args, overrides: list[str]) -> int:
-    from pathlib import Path
-
     from ..plot import plot_run, plot_val_loss_vs_time
-    from ..training.metrics import read_metrics
 
     if len(args.out_dirs) == 1:
-        out_dir = Path(args.out_dirs[0])
-        for path in plot_run(out_dir):
+        for path in plot_run(args.out_dirs[0], time_png=args.output):
             print(path)
-        timed = any(r.get("time_s") is not None and r.get("val_loss") is not None for r in read_metrics(out_dir))
-        if timed or args.output:
-            print(plot_val_loss_vs_time([out_dir], args.output or out_dir / "val_loss_vs_time.png"))
         return 0
     print(plot_val_loss_vs_time(args.out_dirs, args.output or "val_loss_vs_time.png"))
     return 0

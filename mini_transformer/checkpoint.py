@@ -318,15 +318,17 @@ def load_tokenizer_from(directory: Path, vocab_size: Optional[int] = None):
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu", *,
                        adapter: Optional[str | os.PathLike] = None, quantize: Optional[str] = None,
                        group_size: Optional[int] = None, quantize_embedding: Optional[bool] = None,
-                       dtype: Optional[torch.dtype] = None, config: Optional[Config] = None):
+                       dtype: Optional[torch.dtype] = None, config: Optional[Config] = None,
+                       compiled_decode: bool = False):
     """``(model, config, tokenizer)`` from a checkpoint directory or a run's ``out_dir``.
 
     ``adapter`` adds a LoRA adapter directory (checked against this base); ``dtype`` casts the
     weights, on the CPU before they move, so a model that fits ``device`` only in half precision
     loads; ``quantize`` (``int8``/``int4``) quantizes them (``group_size`` and
     ``quantize_embedding`` default to the checkpoint's settings). The model is in eval mode on
-    ``device``, its CPU float32 linear weights in the decode layout
-    (:mod:`~mini_transformer.decode_layout`). ``config`` is the checkpoint's own config when the
+    ``device``, its CPU float32 linear weights in the layout its decode step reads fastest
+    (:mod:`~mini_transformer.decode_layout`): ``compiled_decode`` when the decode step will be
+    compiled (``generate --compile``), eager otherwise. ``config`` is the checkpoint's own config when the
     caller has read it already (:func:`read_config`), so it is not read twice; it builds the model.
     """
     directory = resolve_checkpoint(path, prefer="best")
@@ -342,7 +344,7 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
             model = quantize_model(model, quantize, group_size or config.advanced.quantize_group_size,
                                    include_embedding=include_embedding)
     tokenizer = load_tokenizer_from(directory, config.model.vocab_size)
-    model = to_decode_layout(model.to(device))
+    model = to_decode_layout(model.to(device), compiled=compiled_decode)
     model.eval()
     return model, config, tokenizer
 

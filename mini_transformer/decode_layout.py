@@ -1,4 +1,6 @@
-"""The decode layout: ``nn.Linear`` weights stored column-major, for one-row products on the CPU.
+"""How decoding multiplies one row by a weight on the CPU: the weights' layout and the product.
+
+**Eager decoding** (:func:`to_decode_layout`): ``nn.Linear`` weights stored column-major.
 
 Why: ``F.linear(x, W)`` multiplies by ``W.t()``. With ``W`` stored row-major (out, in), as
 PyTorch stores it, ``W.t()`` is a transposed view, and for the one-row inputs of decoding the
@@ -12,18 +14,32 @@ its state-dict key; only its memory layout changes, and the old copy is freed. N
 differs: the model still trains (though its backward products are then slower) and saves
 (checkpoint writers make tensors contiguous). It applies to float32 weights on the CPU; other
 dtypes and devices, and quantized layers, keep their own kernels.
+
+**Compiled decoding** (:class:`OneRowProducts`): inside a ``torch.compile``-d decode step,
+``F.linear`` of one row becomes ``(x * W).sum(-1)`` over the plain row-major weight. Why: Inductor
+then writes that product itself, as a loop over the weight's rows split across the threads,
+and fuses it with the norms, RoPE, attention and SiLU around it: the whole decode step of a
+small model becomes one C++ kernel instead of two dozen BLAS calls (which run single-threaded
+at this size) between the fused pieces. Measured (BENCHMARKS.md, "Decoding at llama.cpp's
+pace"): the small preset's compiled step 2-3x faster than with BLAS products. It wants the
+plain layout (each output's weights contiguous), so a model decoded compiled keeps it:
+``to_decode_layout(model, compiled=True)``.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable, Optional
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 
-def _converts(module: nn.Module) -> bool:
+def _converts(module: nn.Module, compiled: bool = False) -> bool:
     weight = getattr(module, "weight", None)
     return (type(module) is nn.Linear and weight.device.type == "cpu" and weight.dtype == torch.float32
-            and not is_column_major(weight))
+            and is_column_major(weight) == compiled)
 
 
 def is_column_major(weight: torch.Tensor) -> bool:
@@ -32,11 +48,45 @@ def is_column_major(weight: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def to_decode_layout(model: nn.Module) -> nn.Module:
-    """Store every CPU float32 ``nn.Linear`` weight of ``model`` column-major, in place; returns
-    ``model``. Tied weights are converted once and stay shared."""
+def to_decode_layout(model: nn.Module, compiled: bool = False) -> nn.Module:
+    """Store every CPU float32 ``nn.Linear`` weight of ``model`` in the layout its decode step
+    reads fastest, in place; returns ``model``. Eager (``compiled=False``): column-major.
+    Compiled: row-major, PyTorch's own (a column-major weight is stored back). Tied weights
+    are converted once and stay shared."""
     for module in model.modules():
-        if _converts(module):
-            # (out, in) values over (in, out)-contiguous memory; .data keeps the Parameter object.
-            module.weight.data = module.weight.data.t().contiguous().t()
+        if _converts(module, compiled):
+            # .data keeps the Parameter object. Column-major: (out, in) values over
+            # (in, out)-contiguous memory; row-major: plain contiguous (out, in).
+            weight = module.weight.data
+            module.weight.data = weight.contiguous() if compiled else weight.t().contiguous().t()
     return model
+
+
+class OneRowProducts(TorchFunctionMode):
+    """Within it, ``F.linear`` of a single row by a row-major float weight on the CPU is computed as
+    ``(x * W).sum(-1)``: for a decode step under ``torch.compile`` (see the module docstring).
+
+    Anything else (several rows, a column-major or quantized weight, another device) goes to
+    ``F.linear`` unchanged, and so does everything when the mode's code runs eagerly (where the
+    reduction would materialise ``x * W``, slower than BLAS). Several rows stay on BLAS because
+    the reduction would read the weight once per row (measured 3-6x slower at batch 4).
+    """
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (),
+                           kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if _one_row_product(x, weight):
+                # (..., 1, in) * (out, in) summed over in: (..., out), accumulated in fp32 by Inductor.
+                y = (x.unsqueeze(-2) * weight).sum(-1)
+                return y if bias is None else y + bias
+        return func(*args, **kwargs)
+
+
+def _one_row_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # Only while Dynamo traces: past its recompile limit it runs the step eagerly, mode and all,
+    # and there BLAS is the faster product.
+    return (torch.compiler.is_compiling() and x.device.type == "cpu" and weight.dim() == 2 and weight.is_floating_point()
+            and weight.dtype == x.dtype and weight.is_contiguous() and x.numel() == x.shape[-1])

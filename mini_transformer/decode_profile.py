@@ -48,6 +48,7 @@ from .model import Transformer
 # The table's rows, in order: key -> what the row holds.
 CATEGORIES: dict[str, str] = {
     "matmuls": "matmuls (mm, addmm, bmm, linear, int8 mm)",
+    "fused": "compiled kernels fusing products with the rest (a compiled step's one-row matmuls, attention, norms)",
     "attention": "attention (SDPA kernels, KV-cache write)",
     "elementwise": "elementwise and other tensor ops (norms, RoPE, SiLU, adds, cat, views)",
     "sampling": "sampling (argmax, softmax, top-k, multinomial)",
@@ -66,6 +67,10 @@ MATMUL_OPS = frozenset({
 ATTENTION_WORDS = ("scaled_dot_product", "flash_attention", "efficient_attention", "index_copy", "scatter")
 # Kernels Inductor generates (named after the operators fused into them) are operators too.
 COMPILED_KERNEL_WORDS = ("cpp_fused", "triton_")
+# A compiled kernel named after one of these holds products: with the one-row products of a
+# compiled CPU decode step (decode_layout.OneRowProducts), the whole step can be one such
+# kernel, so its time cannot be split further by name.
+FUSED_PRODUCT_WORDS = frozenset({"sum", "bmm", "mm", "addmm"})
 
 
 class ProfiledEvent(Protocol):
@@ -82,6 +87,8 @@ def own_category(name: str) -> Optional[str]:
         return "sampling"
     if name in MATMUL_OPS:
         return "matmuls"
+    if is_compiled_kernel(name) and FUSED_PRODUCT_WORDS & set(name.split("_")):
+        return "fused"
     if any(word in name for word in ATTENTION_WORDS):
         return "attention"
     if is_compiled_kernel(name):
@@ -161,8 +168,8 @@ def profile_decode(preset: str, trace_path: Path, *, dtype_spec: str = "fp32", b
     peer = with_llamacpp and batch_size == 1 and llamacpp_installed()
     with contextlib.ExitStack() as stack:
         # The GGUF file takes the fp32 weights, before ours are converted for decoding.
-        fns = [stack.enter_context(llamacpp_generation_fn(model, prompt, gen_tokens, threads))] if peer else []
-        to_decode_layout(model.to(dtype))  # as load_for_inference gives it to generate
+        fns = [stack.enter_context(llamacpp_generation_fn(model, prompt, gen_tokens, threads))[0]] if peer else []
+        to_decode_layout(model.to(dtype), compiled=compile_model)  # as load_for_inference gives it to generate
         ours = our_generation_fn(model, prompt, gen_tokens, compile_model=compile_model, batch_size=batch_size)
         if compile_model:
             # Inductor's fused kernels then appear in the trace under their own names, not

@@ -240,7 +240,8 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y)), weights
 
     def _explicit_is_faster(self, q: torch.Tensor) -> bool:
-        """``auto`` on CPU: train with the explicit path for short bf16 sequences.
+        """``auto`` on CPU: the explicit path for a compiled decode step, and to train on short bf16
+        sequences.
 
         Why: PyTorch's CPU flash-attention backward is slow in bf16 for short sequences (3.3 ms
         vs 1.0 ms in fp32 for 12 x 4 heads x 64 tokens), while at T <= 128 the explicit
@@ -248,10 +249,16 @@ class CausalSelfAttention(nn.Module):
         steps at T = 64 and 128 in bf16, no gain in fp32, slower at T = 256 in eager mode but
         9% faster there under torch.compile.
         """
-        if not (self.attention == "auto" and q.device.type == "cpu" and q.dtype == torch.bfloat16
-                and torch.is_grad_enabled()):
+        if not (self.attention == "auto" and q.device.type == "cpu"):
             return False
         compiled = torch.compiler.is_compiling()
+        if compiled and q.shape[2] == 1 and not torch.is_grad_enabled():
+            # A compiled decode step: Inductor fuses the explicit q k^T, softmax and weights v of
+            # one query into the step's own loops; SDPA's CPU kernel stays a separate call that
+            # cost the small preset ~80 us per layer (BENCHMARKS.md, "Decoding at llama.cpp's pace").
+            return True
+        if not (q.dtype == torch.bfloat16 and torch.is_grad_enabled()):
+            return False
         return q.shape[2] <= (EXPLICIT_ATTENTION_MAX_LEN_COMPILED if compiled else EXPLICIT_ATTENTION_MAX_LEN)
 
     def _use_flash(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> bool:

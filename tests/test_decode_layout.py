@@ -1,13 +1,17 @@
-"""The decode layout: the same model, its Linear weights stored column-major."""
+"""How decoding multiplies on the CPU: the same model with its Linear weights stored column-major
+(eager) or row-major (compiled), and the compiled step's one-row products against ``F.linear``."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from mini_transformer.config import ModelConfig
-from mini_transformer.decode_layout import is_column_major, to_decode_layout
+from mini_transformer.decode_layout import OneRowProducts, is_column_major, to_decode_layout
 from mini_transformer.generation import generate
 from mini_transformer.model import Transformer
 from mini_transformer.quantize import QuantizedLinear, quantize_model
@@ -59,3 +63,66 @@ def test_other_dtypes_and_quantized_layers_are_left_alone():
             assert all(t.is_contiguous() for t in module.state_dict().values())
     assert is_column_major(quantized.lm_head.weight)
     assert all(torch.equal(v, before[k]) for k, v in quantized.state_dict().items())
+
+
+def test_the_compiled_layout_stores_the_weights_back_row_major():
+    model = tiny()
+    converted = to_decode_layout(to_decode_layout(copy.deepcopy(model)), compiled=True)
+    linears = [m for m in converted.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.is_contiguous() for m in linears)
+    assert converted.lm_head.weight is converted.tok_emb.weight
+    for (name, a), b in zip(model.named_parameters(), converted.parameters()):
+        assert torch.equal(a, b), name
+
+
+def _linear_in_mode(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    with OneRowProducts():
+        return F.linear(x, weight, bias)
+
+
+@pytest.mark.slow  # compiles
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_one_row_products_under_compile_equal_float64_linear(dtype, tolerance):
+    """The reduction Inductor writes for one row (bias or not, 2-D or 3-D input) against the
+    product in float64; several rows and a column-major weight take F.linear's own path."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    compiled = torch.compile(_linear_in_mode, dynamic=False)
+    weight = torch.randn(67, 45)
+    bias = torch.randn(67)
+    for x, b in [(torch.randn(1, 1, 45), bias), (torch.randn(1, 45), None), (torch.randn(3, 2, 45), bias),
+                 (torch.randn(1, 45), None)]:
+        w = weight if x.shape[0] != 1 or b is not None else weight.t().contiguous().t()  # last: column-major
+        expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
+        got = compiled(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
+        assert got.shape == expected.shape and got.dtype == dtype
+        torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance * 10)
+
+
+class _Recorder(TorchFunctionMode):
+    """Names the torch functions called under it (by the modes above it too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_row_products_reduce_only_while_dynamo_traces(monkeypatch):
+    """Run eagerly (as Dynamo does past its recompile limit) the mode changes nothing, since BLAS
+    is the faster product there; while tracing, one row becomes a multiply and a sum."""
+    x, weight = torch.randn(1, 1, 16), torch.randn(8, 16)
+    with _Recorder() as recorder, OneRowProducts():
+        out = F.linear(x, weight)
+    assert torch.equal(out, F.linear(x, weight)) and "sum" not in recorder.names
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with _Recorder() as recorder, OneRowProducts():
+        out = F.linear(x, weight)
+    assert "sum" in recorder.names
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-6)
+    with _Recorder() as recorder, OneRowProducts():
+        F.linear(torch.randn(2, 1, 16), weight)  # two rows: BLAS
+    assert "sum" not in recorder.names

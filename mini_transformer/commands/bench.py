@@ -14,6 +14,7 @@ EXAMPLES = """\
   mini-transformer bench --compare hf                     # ours vs transformers' LlamaForCausalLM
   mini-transformer bench --compare hf --presets small --dtype bf16
   mini-transformer bench --compare llamacpp               # ours vs llama.cpp decoding the same weights (GGUF)
+  mini-transformer bench --compare llamacpp --compile --batches 1 4 8 16   # + compiled step, batched table
   mini-transformer bench --profile --presets small        # training: Chrome trace + top operators
   mini-transformer bench --profile decode                 # where a generated token's time goes (CPU)
   mini-transformer bench --profile decode --presets small --compile --gen_tokens 100
@@ -41,7 +42,8 @@ def register(subparsers) -> None:
     parser.add_argument("--block_size", type=int, default=None,
                         help="context length (default 256 for the table, each preset's own with --compare)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="with --compare, 'auto' runs both fp32 and bf16; with --profile decode, fp32")
+                        help="with --compare, 'auto' runs both fp32 and bf16 (against llama.cpp: f32 and f16 "
+                             "files); with --profile decode, fp32")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     add_setting_flags(parser, {"device": "--device", **{name: f"--{name}" for name in COUNTS}})
     parser.add_argument("--steps", type=int, default=5,
@@ -54,7 +56,10 @@ def register(subparsers) -> None:
                         help="skip the peak-memory measurements (each runs in a fresh process)")
     parser.add_argument("--compare", choices=["hf", "llamacpp"],
                         help="also time a peer: hf, Hugging Face LlamaForCausalLM; llamacpp, llama.cpp's greedy "
-                             "decoding of the same weights exported to GGUF (fp32, needs llama-cpp-python)")
+                             "decoding of the same weights exported to GGUF (needs llama-cpp-python)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, metavar="N",
+                        help="with --compare llamacpp: batch sizes for a batched-decoding table "
+                             "(for example 1 4 8 16; default: batch 1 only)")
     parser.add_argument("--profile", nargs="?", const="train", choices=["train", "decode"],
                         help="train (the default): a torch.profiler Chrome trace of a few training steps and the "
                              "top ops; decode: where a generated token's time goes on the CPU (matmuls, "
@@ -137,20 +142,32 @@ def finish(out: Path, name: str, table: str, notes: list[str | None], rows: list
 def _compare_llamacpp(args, out: Path, machine: str) -> int:
     from .. import benchmark as bench
     from ..errors import UserError
-    from ..interop.gguf.peer import compare_with_llamacpp, llamacpp_table
+    from ..interop.gguf.peer import PEER_OUTTYPES, batched_table, compare_with_llamacpp, llamacpp_table
 
-    if args.dtype not in ("auto", "fp32") or args.device not in ("auto", "cpu"):
-        raise UserError("bench --compare llamacpp runs on the CPU in fp32 (an f32 GGUF file); "
-                        "leave out --dtype and --device or set them to fp32 and cpu")
+    if args.dtype not in ("auto", *PEER_OUTTYPES) or args.device not in ("auto", "cpu"):
+        raise UserError("bench --compare llamacpp runs on the CPU in fp32 (against an f32 GGUF file) or bf16 "
+                        "(against f16); set --dtype to auto (both), fp32 or bf16 and leave out --device")
+    batches = args.batches or [1]
+    if any(b < 1 for b in batches):
+        raise UserError(f"--batches must be positive batch sizes, got {batches}; for example --batches 1 4 8 16")
+    dtypes = list(PEER_OUTTYPES) if args.dtype == "auto" else [args.dtype]
     rows = []
     for preset in args.presets or ["tiny", "small"]:
-        rows.append(compare_with_llamacpp(preset, block_size=args.block_size, gen_tokens=args.gen_tokens))
-        print(llamacpp_table(rows[-1:]).splitlines()[-1], flush=True)
+        for dtype in dtypes:
+            rows.append(compare_with_llamacpp(preset, dtype=dtype, compile_model=args.compile,
+                                              batch_sizes=sorted(set(batches) | {1}),
+                                              block_size=args.block_size, gen_tokens=args.gen_tokens))
+            print(llamacpp_table(rows[-1:]).splitlines()[-1], flush=True)
     table = llamacpp_table(rows)
-    print(f"\nours vs llama.cpp, batch-1 greedy decoding of the same weights (an f32 GGUF export), "
-          f"{rows[0]['prompt_tokens']}-token prompt, {rows[0]['gen_tokens']} new tokens; "
-          f"ratio = our speed / llama.cpp's\n\n{table}")
-    bench.write_results(out, "compare_llamacpp", table, rows, machine)
+    title = (f"ours vs llama.cpp, batch-1 greedy decoding of the same weights exported to GGUF, "
+             f"{rows[0]['prompt_tokens']}-token prompt, {rows[0]['gen_tokens']} new tokens, timed in turn; "
+             "ratio = our speed / llama.cpp's")
+    parts = [title, table]
+    if len(batches) > 1:
+        parts += [f"batched decoding, ours {'compiled' if args.compile else 'eager'} (tokens/s over all rows)",
+                  batched_table(rows)]
+    print("\n" + "\n\n".join(parts))
+    bench.write_results(out, "compare_llamacpp", "\n\n".join(parts), rows, machine)
     return 0
 
 

@@ -257,7 +257,8 @@ def open_session(args: argparse.Namespace, overrides: list[str], prompts: int = 
     model, _, tokenizer = load_for_inference(directory, device, adapter=args.adapter, dtype=dtype, config=saved,
                                              quantize=args.quantize or advanced.quantize,
                                              group_size=advanced.quantize_group_size,
-                                             quantize_embedding=advanced.quantize_embedding)
+                                             quantize_embedding=advanced.quantize_embedding,
+                                             compiled_decode=settings.compile and not draft_dir)
     session = Session(model, tokenizer, settings)
     if advanced.speculative_sampling and not draft_dir:
         raise UserError("advanced.speculative_sampling is on but no draft model is set; "

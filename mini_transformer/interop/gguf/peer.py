@@ -11,8 +11,9 @@ llama.cpp run starts from an empty KV-cache, so both pay the prompt's prefill.
 from __future__ import annotations
 
 import contextlib
+import copy
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +23,9 @@ from ...benchmark import VOCAB_SIZE, interleaved_median_times, our_generation_fn
 from ...checkpoint import save_inference_checkpoint
 from ...config import Config
 from ...decode_layout import to_decode_layout
+from ...device import DTYPES
 from ...errors import UserError
+from ...generation import generate
 from ...model import Transformer
 from ...tokenizer import CharTokenizer
 from . import llamacpp
@@ -33,10 +36,27 @@ _CHARS = [chr(c) for c in range(ord("!"), ord("!") + VOCAB_SIZE)]
 DEFAULT_BLOCK_SIZE = 256  # every preset fits prompt + 200 tokens, so neither side slides its window
 
 
-def compare_with_llamacpp(preset: str, *, block_size: Optional[int] = None, gen_tokens: int = 200,
-                          prompt_tokens: int = 8, repeats: int = 5, threads: Optional[int] = None) -> dict[str, Any]:
-    """Time greedy decoding at batch 1 in fp32 for ours and llama.cpp (f32 GGUF); returns a table row."""
+# Our weights' dtype -> the GGUF tensor type llama.cpp decodes in the same row: the nearest 16-bit.
+PEER_OUTTYPES: dict[str, str] = {"fp32": "f32", "bf16": "f16"}
+BATCH_SIZES = (1, 4, 8, 16)  # the batched-decoding table's columns (the server's case)
+
+
+def compare_with_llamacpp(preset: str, *, dtype: str = "fp32", compile_model: bool = False,
+                          batch_sizes: Sequence[int] = (1,), block_size: Optional[int] = None,
+                          gen_tokens: int = 200, prompt_tokens: int = 8, repeats: int = 5,
+                          threads: Optional[int] = None) -> dict[str, Any]:
+    """Time greedy decoding for ours and llama.cpp on the same weights; returns a table row.
+
+    At batch 1: llama.cpp (``dtype``'s GGUF type, :data:`PEER_OUTTYPES`), ours eager (decode
+    layout) and, with ``compile_model``, ours with the compiled decode step, all in turn. Past
+    batch 1 (``batch_sizes``): ours only, ``len(batch)`` copies of the prompt decoded together,
+    compiled when ``compile_model``. Also records whether our greedy tokens equal llama.cpp's.
+    """
     llamacpp.import_llama_cpp()
+    if compile_model:
+        # Each batch size is a graph of its own: a fresh cache keeps this row's graphs under
+        # Dynamo's limit per function (past it, the step would run eagerly).
+        torch._dynamo.reset()
     threads = threads or torch.get_num_threads()
     config = preset_model_config(preset, block_size or DEFAULT_BLOCK_SIZE, norm="rmsnorm")
     check_fits(prompt_tokens, gen_tokens, config.block_size)
@@ -44,19 +64,40 @@ def compare_with_llamacpp(preset: str, *, block_size: Optional[int] = None, gen_
     ours = Transformer(config).eval()
     prompt = list(range(1, prompt_tokens + 1))
     previous = torch.get_num_threads()
-    with llamacpp_generation_fn(ours, prompt, gen_tokens, threads) as peer_generate:
-        to_decode_layout(ours)  # as load_for_inference gives it to generate
-        ours_generate = our_generation_fn(ours, prompt, gen_tokens)
+    outtype = PEER_OUTTYPES[dtype]
+    with llamacpp_generation_fn(ours, prompt, gen_tokens, threads, outtype) as (peer_generate, peer_tokens):
+        # Each way decodes with the weights' layout load_for_inference gives it.
+        eager = to_decode_layout(copy.deepcopy(ours).to(DTYPES[dtype]))
+        fns = {"eager": our_generation_fn(eager, prompt, gen_tokens)}
+        if compile_model:
+            compiled = to_decode_layout(ours.to(DTYPES[dtype]), compiled=True)
+            fns["compiled"] = our_generation_fn(compiled, prompt, gen_tokens, compile_model=True)
+        batched_model = compiled if compile_model else eager
+        for batch in batch_sizes:
+            if batch > 1:
+                fns[f"batch {batch}"] = our_generation_fn(batched_model, prompt, gen_tokens,
+                                                          compile_model=compile_model, batch_size=batch)
         torch.set_num_threads(threads)
         try:
-            ours_time, peer_time = interleaved_median_times([ours_generate, peer_generate], repeats, 1,
-                                                            torch.device("cpu"))
+            ours_tokens = generate(eager, prompt, max_new_tokens=gen_tokens, temperature=0)
+            times = interleaved_median_times([peer_generate, *fns.values()], repeats, 1, torch.device("cpu"))
         finally:
             torch.set_num_threads(previous)
-    return {"preset": preset, "dtype": "fp32 / f32", "threads": threads, "prompt_tokens": prompt_tokens,
-            "gen_tokens": gen_tokens, "parameters": ours.num_parameters(),
-            "ours_tokens_per_s": gen_tokens / ours_time, "peer_tokens_per_s": gen_tokens / peer_time,
-            "ratio": peer_time / ours_time}
+    peer_time, ours_times = times[0], dict(zip(fns, times[1:]))
+    row: dict[str, Any] = {
+        "preset": preset, "dtype": f"{dtype} / {outtype}", "threads": threads, "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens, "parameters": ours.num_parameters(), "peer_tokens_per_s": gen_tokens / peer_time,
+        "same_tokens": ours_tokens == peer_tokens,
+    }
+    for way in ("eager", "compiled"):
+        if way in ours_times:
+            row[f"{way}_tokens_per_s"] = gen_tokens / ours_times[way]
+            row[f"{way}_ratio"] = peer_time / ours_times[way]
+    best = "compiled" if compile_model else "eager"
+    row["batched_tokens_per_s"] = {
+        batch: (row[f"{best}_tokens_per_s"] if batch == 1 else batch * gen_tokens / ours_times[f"batch {batch}"])
+        for batch in batch_sizes}
+    return row
 
 
 def check_fits(prompt_tokens: int, gen_tokens: int, block_size: int) -> None:
@@ -68,16 +109,17 @@ def check_fits(prompt_tokens: int, gen_tokens: int, block_size: int) -> None:
 
 
 @contextlib.contextmanager
-def llamacpp_generation_fn(model: Transformer, prompt: list[int], gen_tokens: int,
-                           threads: int) -> Iterator[Callable[[], None]]:
-    """llama.cpp's greedy decoding of ``prompt`` on ``model``'s weights (saved, exported to an f32
-    GGUF file, loaded with ``threads``): a function to time, valid inside the block. Call it
-    before converting ``model`` for decoding (dtype, decode layout): the file takes its weights."""
+def llamacpp_generation_fn(model: Transformer, prompt: list[int], gen_tokens: int, threads: int,
+                           outtype: str = "f32") -> Iterator[tuple[Callable[[], None], list[int]]]:
+    """llama.cpp's greedy decoding of ``prompt`` on ``model``'s weights (saved, exported to a GGUF
+    file of ``outtype``, loaded with ``threads``): a function to time, valid inside the block, and
+    the tokens it generates. Call it before converting ``model`` for decoding (dtype, decode
+    layout): the file takes its weights."""
     config = model.config
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = save_inference_checkpoint(Path(tmp) / "model", model, Config(model=config),
                                                CharTokenizer(_CHARS))
-        path = export_gguf(checkpoint, Path(tmp) / "model.gguf", outtype="f32").path
+        path = export_gguf(checkpoint, Path(tmp) / "model.gguf", outtype=outtype).path
         llm = llamacpp.load_llama(path, n_ctx=config.block_size, threads=threads)
 
         def peer_generate() -> None:
@@ -85,15 +127,37 @@ def llamacpp_generation_fn(model: Transformer, prompt: list[int], gen_tokens: in
             assert len(out) == gen_tokens
 
         try:
-            yield peer_generate
+            yield peer_generate, llamacpp.greedy(llm, prompt, gen_tokens)
         finally:
             llm.close()
 
 
 def llamacpp_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| preset | parameters | dtype | threads | generate tok/s, ours | generate tok/s, llama.cpp | ratio |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    """Batch-1 decoding: our speeds (eager, and compiled when measured) beside llama.cpp's, with ratios."""
+    compiled = any("compiled_tokens_per_s" in r for r in rows)
+    header = "| preset | parameters | dtype (ours / llama.cpp) | threads | llama.cpp tok/s | ours eager | ratio |"
+    rule = "| --- | ---: | --- | ---: | ---: | ---: | ---: |"
+    if compiled:
+        header += " ours compiled | ratio |"
+        rule += " ---: | ---: |"
+    lines = [header + " same tokens |", rule + " --- |"]
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['parameters'] / 1e6:.2f}M | {r['dtype']} | {r['threads']} | "
-                     f"{r['ours_tokens_per_s']:,.0f} | {r['peer_tokens_per_s']:,.0f} | {r['ratio']:.2f}x |")
+        line = (f"| {r['preset']} | {r['parameters'] / 1e6:.2f}M | {r['dtype']} | {r['threads']} | "
+                f"{r['peer_tokens_per_s']:,.0f} | {r['eager_tokens_per_s']:,.0f} | {r['eager_ratio']:.2f}x |")
+        if compiled:
+            line += (f" {r['compiled_tokens_per_s']:,.0f} | {r['compiled_ratio']:.2f}x |"
+                     if "compiled_tokens_per_s" in r else " | |")
+        lines.append(line + f" {'yes' if r['same_tokens'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def batched_table(rows: list[dict[str, Any]]) -> str:
+    """Our decoding tokens/s (all rows together) by batch size, llama.cpp's batch-1 speed beside."""
+    batches = sorted({b for r in rows for b in r["batched_tokens_per_s"]})
+    lines = ["| preset | dtype | " + " | ".join(f"ours, batch {b}" for b in batches) + " | llama.cpp, batch 1 |",
+             "| --- | --- |" + " ---: |" * (len(batches) + 1)]
+    for r in rows:
+        speeds = " | ".join(f"{r['batched_tokens_per_s'][b]:,.0f}" if b in r["batched_tokens_per_s"] else ""
+                            for b in batches)
+        lines.append(f"| {r['preset']} | {r['dtype']} | {speeds} | {r['peer_tokens_per_s']:,.0f} |")
     return "\n".join(lines)

@@ -205,7 +205,7 @@ def bench_preset(preset: str, settings: BenchSettings) -> dict[str, Any]:
     mfu = model_flops_utilization(flops_per_token(config)[1], tokens_per_s, matmul_rate)
 
     model.eval()
-    gen_model = to_decode_layout(model.to(dtype) if dtype is not torch.float32 else model)
+    gen_model = to_decode_layout(model.to(dtype) if dtype is not torch.float32 else model, compiled=settings.compile)
     prompt = list(range(1, settings.prompt_tokens + 1))
     generation = rates(settings.gen_tokens, timed_runs(
         our_generation_fn(gen_model, prompt, settings.gen_tokens, compile_model=settings.compile), 3, 1, device))
@@ -334,7 +334,7 @@ def compare_with_hf(preset: str, dtype_spec: str, batch_size: int = 32, block_si
         model.eval()
         if dtype is not torch.float32:
             model.to(dtype)
-    to_decode_layout(ours)  # as load_for_inference gives it to generate
+    to_decode_layout(ours, compiled=compile_model)  # as load_for_inference gives it to generate
     input_ids = torch.tensor([prompt], device=device)
     attention_mask = torch.ones_like(input_ids)
 

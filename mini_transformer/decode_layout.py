@@ -88,5 +88,6 @@ class OneRowProducts(TorchFunctionMode):
 def _one_row_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # Only while Dynamo traces: past its recompile limit it runs the step eagerly, mode and all,
     # and there BLAS is the faster product.
-    return (torch.compiler.is_compiling() and x.device.type == "cpu" and weight.dim() == 2 and weight.is_floating_point()
-            and weight.dtype == x.dtype and weight.is_contiguous() and x.numel() == x.shape[-1])
+    return (torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]
+            and weight.dim() == 2 and weight.is_floating_point() and weight.dtype == x.dtype
+            and weight.is_contiguous())

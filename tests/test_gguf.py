@@ -333,3 +333,32 @@ def test_llamacpp_runs_a_char_model_past_token_11(tmp_path, run_cli, llamacpp):
     completion = llm.create_completion(ids, max_tokens=NEW_TOKENS, temperature=0.0, top_k=1, repeat_penalty=1.0)
     assert completion["choices"][0]["finish_reason"] == "length"
     assert completion["choices"][0]["text"] == tok.decode(ours)
+
+
+def test_bench_compare_llamacpp_times_ours_eager_and_batched_against_the_same_file(llamacpp):
+    """The comparison row: llama.cpp and ours decode the same weights to the same greedy tokens
+    (fp32 against f32; bf16 against f16 runs too), and the batched speeds are per batch size."""
+    from mini_transformer.interop.gguf.peer import batched_table, compare_with_llamacpp, llamacpp_table
+
+    rows = [compare_with_llamacpp("tiny", dtype=dtype, batch_sizes=(1, 2), block_size=32, gen_tokens=6,
+                                  repeats=1, threads=1) for dtype in ("fp32", "bf16")]
+    fp32, bf16 = rows
+    assert fp32["same_tokens"] and fp32["dtype"] == "fp32 / f32" and bf16["dtype"] == "bf16 / f16"
+    for row in rows:
+        assert row["peer_tokens_per_s"] > 0 and row["eager_tokens_per_s"] > 0
+        assert row["eager_ratio"] == pytest.approx(row["eager_tokens_per_s"] / row["peer_tokens_per_s"])
+        assert row["batched_tokens_per_s"][1] == row["eager_tokens_per_s"] and row["batched_tokens_per_s"][2] > 0
+        assert "compiled_tokens_per_s" not in row
+    table = llamacpp_table(rows).splitlines()
+    assert len(table) == 4 and "ours compiled" not in table[0] and table[2].endswith("| yes |")
+    assert batched_table(rows).splitlines()[0] == ("| preset | dtype | ours, batch 1 | ours, batch 2 | "
+                                                   "llama.cpp, batch 1 |")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dtype", "fp16"], "fp32 (against an f32 GGUF file) or bf16"),
+    (["--batches", "0", "4"], "--batches must be positive"),
+])
+def test_bench_compare_llamacpp_refuses_what_it_cannot_compare(run_cli, tmp_path, flags, message):
+    status, _, err = run_cli("bench", "--compare", "llamacpp", *flags, "--out", str(tmp_path / "b"))
+    assert status == 2 and message in err and "Traceback" not in err

@@ -8,7 +8,8 @@ Three ways, taken in turn, median of ``--runs`` calls of 100 new tokens each:
 
 * plain: the model as built, weights stored (out, in) row-major;
 * decode layout: :func:`mini_transformer.decode_layout.to_decode_layout`, done once (what
-  ``load_for_inference`` gives ``generate``);
+  ``load_for_inference`` gives eager ``generate``; with ``--compile`` the "plain" way is the
+  layout ``generate --compile`` gets, ``to_decode_layout(model, compiled=True)``);
 * per-call copies: every Linear's forward replaced, for the duration of a call, by ``x @ W_t``
   with a contiguous transposed copy of its weight. The engine did this itself before the decode
   layout, at the cost of one extra set of weights and of ignoring weights changed mid-stream;

@@ -28,6 +28,7 @@ plain layout (each output's weights contiguous), so a model decoded compiled kee
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional
 
 import torch
@@ -66,28 +67,38 @@ class OneRowProducts(TorchFunctionMode):
     """Within it, ``F.linear`` of a single row by a row-major float weight on the CPU is computed as
     ``(x * W).sum(-1)``: for a decode step under ``torch.compile`` (see the module docstring).
 
-    Anything else (several rows, a column-major or quantized weight, another device) goes to
-    ``F.linear`` unchanged, and so does everything when the mode's code runs eagerly (where the
-    reduction would materialise ``x * W``, slower than BLAS). Several rows stay on BLAS because
-    the reduction would read the weight once per row (measured 3-6x slower at batch 4).
+    Anything else (several rows, a column-major weight, another device, a bias of another dtype)
+    goes to ``F.linear`` unchanged, and so does everything when the mode's code runs eagerly
+    (where the reduction would materialise ``x * W``, slower than BLAS): enter it only while
+    Dynamo traces (:func:`one_row_products`). Several rows stay on BLAS because the reduction
+    would read the weight once per row (measured 3-6x slower at batch 4). A quantized layer
+    whose kernel falls back to ``F.linear`` over its dequantized weight gets the reduction too.
     """
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (),
                            kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight = args[0], args[1]
+            x = args[0] if args else kwargs["input"]
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if _one_row_product(x, weight):
+            if _one_row_product(x, weight, bias):
                 # (..., 1, in) * (out, in) summed over in: (..., out), accumulated in fp32 by Inductor.
                 y = (x.unsqueeze(-2) * weight).sum(-1)
                 return y if bias is None else y + bias
         return func(*args, **kwargs)
 
 
-def _one_row_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # Only while Dynamo traces: past its recompile limit it runs the step eagerly, mode and all,
-    # and there BLAS is the faster product.
+def one_row_products() -> contextlib.AbstractContextManager:
+    """:class:`OneRowProducts` while Dynamo traces; nothing when the same code runs eagerly (past
+    Dynamo's recompile limit), where every torch call through a Python mode would cost ~25% of
+    a tiny model's step. Dynamo reads the check as a constant, so its graphs keep the mode."""
+    return OneRowProducts() if torch.compiler.is_compiling() else contextlib.nullcontext()
+
+
+def _one_row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    # Only while Dynamo traces: eagerly, BLAS is the faster product (and the mode is normally
+    # not entered there at all).
     return (torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]
             and weight.dim() == 2 and weight.is_floating_point() and weight.dtype == x.dtype
-            and weight.is_contiguous())
+            and weight.is_contiguous() and (bias is None or bias.dtype == x.dtype))

@@ -89,14 +89,45 @@ def test_one_row_products_under_compile_equal_float64_linear(dtype, tolerance):
     torch.manual_seed(0)
     compiled = torch.compile(_linear_in_mode, dynamic=False)
     weight = torch.randn(67, 45)
+    column_major = weight.t().contiguous().t()
     bias = torch.randn(67)
-    for x, b in [(torch.randn(1, 1, 45), bias), (torch.randn(1, 45), None), (torch.randn(3, 2, 45), bias),
-                 (torch.randn(1, 45), None)]:
-        w = weight if x.shape[0] != 1 or b is not None else weight.t().contiguous().t()  # last: column-major
+    cases = [(torch.randn(1, 1, 45), weight, bias), (torch.randn(1, 45), weight, None),
+             (torch.randn(3, 2, 45), weight, bias), (torch.randn(1, 45), column_major, None)]
+    for x, w, b in cases:
         expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
         got = compiled(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
         assert got.shape == expected.shape and got.dtype == dtype
         torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance * 10)
+
+
+def _traced_ops(fn, *args) -> set[str]:
+    """The names of the functions in the graph Dynamo traces from ``fn(*args)``."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, dynamic=False)(*args)
+    return {getattr(node.target, "__name__", str(node.target)) for gm in graphs for node in gm.graph.nodes
+            if node.op in ("call_function", "call_method")}
+
+
+def test_a_traced_decode_step_has_no_blas_product_and_no_sdpa_at_one_row():
+    """What Dynamo records for the CPU decode step: one row of a model, reductions and explicit
+    attention (which Inductor fuses); two rows, BLAS products again."""
+    from mini_transformer.generation.engine import _next_logits_cpu
+    from mini_transformer.model import KVCache
+
+    model = tiny(n_kv_heads=2, bias=True)
+    with torch.no_grad():
+        for batch in (1, 2):
+            ops = _traced_ops(_next_logits_cpu, model, KVCache.for_model(model, batch), torch.full((batch, 1), 5),
+                              torch.tensor([0]), None, None)
+            assert ("linear" in ops) == (batch > 1), ops
+            assert "sum" in ops or batch > 1
+            assert "scaled_dot_product_attention" not in ops and "softmax" in ops
 
 
 class _Recorder(TorchFunctionMode):

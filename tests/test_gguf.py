@@ -358,7 +358,13 @@ def test_bench_compare_llamacpp_times_ours_eager_and_batched_against_the_same_fi
 @pytest.mark.parametrize("flags, message", [
     (["--dtype", "fp16"], "fp32 (against an f32 GGUF file) or bf16"),
     (["--batches", "0", "4"], "--batches must be positive"),
+    (["--compile", "--batches", *map(str, range(2, 10))], "at most 8 batch sizes"),
 ])
 def test_bench_compare_llamacpp_refuses_what_it_cannot_compare(run_cli, tmp_path, flags, message):
     status, _, err = run_cli("bench", "--compare", "llamacpp", *flags, "--out", str(tmp_path / "b"))
     assert status == 2 and message in err and "Traceback" not in err
+
+
+def test_bench_batches_belong_to_the_llamacpp_comparison(run_cli, tmp_path):
+    status, _, err = run_cli("bench", "--batches", "4", "--out", str(tmp_path / "b"))
+    assert status == 2 and "add --compare llamacpp" in err and "Traceback" not in err

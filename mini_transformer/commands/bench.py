@@ -23,6 +23,7 @@ EXAMPLES = """\
 
 # The flags that count something and must be at least 1.
 COUNTS = ("batch_size", "block_size", "steps", "gen_tokens")
+MAX_COMPILED_BATCHES = 8  # torch._dynamo.config.recompile_limit's default: graphs per compiled function
 
 
 def register(subparsers) -> None:
@@ -97,6 +98,9 @@ def run(args, overrides: list[str]) -> int:
         return 0
     if args.compare == "llamacpp":
         return _compare_llamacpp(args, out, machine)
+    if args.batches:
+        raise UserError("--batches sizes the batched-decoding table of --compare llamacpp; "
+                        "add --compare llamacpp or leave --batches out")
     # The table's header comes first and each row as soon as it is measured: a preset can take
     # minutes, and the reader sees what is being measured from the start.
     if args.compare:
@@ -147,23 +151,28 @@ def _compare_llamacpp(args, out: Path, machine: str) -> int:
     if args.dtype not in ("auto", *PEER_OUTTYPES) or args.device not in ("auto", "cpu"):
         raise UserError("bench --compare llamacpp runs on the CPU in fp32 (against an f32 GGUF file) or bf16 "
                         "(against f16); set --dtype to auto (both), fp32 or bf16 and leave out --device")
-    batches = args.batches or [1]
+    batches = sorted(set(args.batches or [1]) | {1})
     if any(b < 1 for b in batches):
-        raise UserError(f"--batches must be positive batch sizes, got {batches}; for example --batches 1 4 8 16")
+        raise UserError(f"--batches must be positive batch sizes, got {args.batches}; for example --batches 1 4 8 16")
+    if args.compile and len(batches) > MAX_COMPILED_BATCHES:
+        # Each batch size is a graph of its own, and past Dynamo's limit per function the step
+        # would run eagerly while its column says compiled.
+        raise UserError(f"--compile measures at most {MAX_COMPILED_BATCHES} batch sizes (batch 1 included), "
+                        f"got {len(batches)}; pass fewer --batches")
     dtypes = list(PEER_OUTTYPES) if args.dtype == "auto" else [args.dtype]
     rows = []
     for preset in args.presets or ["tiny", "small"]:
         for dtype in dtypes:
             rows.append(compare_with_llamacpp(preset, dtype=dtype, compile_model=args.compile,
-                                              batch_sizes=sorted(set(batches) | {1}),
+                                              batch_sizes=batches,
                                               block_size=args.block_size, gen_tokens=args.gen_tokens))
             print(llamacpp_table(rows[-1:]).splitlines()[-1], flush=True)
     table = llamacpp_table(rows)
     title = (f"ours vs llama.cpp, batch-1 greedy decoding of the same weights exported to GGUF, "
              f"{rows[0]['prompt_tokens']}-token prompt, {rows[0]['gen_tokens']} new tokens, timed in turn; "
-             "ratio = our speed / llama.cpp's")
+             "ratio = our speed / llama.cpp's; same tokens: every way of ours gave llama.cpp's greedy tokens")
     parts = [title, table]
-    if len(batches) > 1:
+    if any(b > 1 for b in batches):
         parts += [f"batched decoding, ours {'compiled' if args.compile else 'eager'} (tokens/s over all rows)",
                   batched_table(rows)]
     print("\n" + "\n\n".join(parts))

@@ -37,9 +37,12 @@ positions, so each row sees a window of its most recent tokens:
 ``torch.compile`` with static shapes: the slot is a tensor, not a Python int, so tokens never
 recompile; a new batch size, padding layout or model shape does, once. It fuses the norms,
 rotary embedding and SwiGLU of a token into a few kernels, costs several seconds of
-compilation on first use and pays back on long generations (BENCHMARKS.md). On CUDA the step is
-also captured as a CUDA graph (``DECODE_COMPILE_MODES``), since launches, not arithmetic, are
-what a small model's token costs there.
+compilation on first use and pays back on long generations (BENCHMARKS.md). On the CPU the
+one-row products become reductions Inductor fuses with the rest
+(:func:`~mini_transformer.decode_layout.one_row_products`) and attention takes the explicit
+path, so a small model's whole step is one C++ kernel. On CUDA the step is also captured as a
+CUDA graph (``DECODE_COMPILE_MODES``), since launches, not arithmetic, are what a small model's
+token costs there.
 
 **State.** The engine never changes the model it is given: each generation owns a
 :class:`~mini_transformer.model.KVCache` (taken from a :class:`KVCachePool` when the caller
@@ -66,7 +69,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ..decode_layout import OneRowProducts
+from ..decode_layout import one_row_products
 from ..errors import UserError, first_line
 from ..model import KVCache, Transformer
 from .sampling import SamplingParams, make_generator, sample_next_token, seen_mask
@@ -120,7 +123,7 @@ CPU_DECODE_OPTIONS: dict[str, Any] = {"size_asserts": False}
 def _next_logits_cpu(model: Transformer, kv_cache: KVCache, token: torch.Tensor, input_pos: torch.Tensor,
                      position_ids: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
     # One-row products as reductions Inductor fuses with the rest of the step (decode_layout).
-    with OneRowProducts():
+    with one_row_products():
         return _next_logits(model, kv_cache, token, input_pos, position_ids, attn_mask)
 
 
@@ -147,7 +150,7 @@ def compiled_decode_one_token(model: Transformer, kv_cache: KVCache, token: torc
                               attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`decode_one_token` through ``torch.compile`` with static shapes.
 
-    One graph per model shape, dtype, batch size and padding layout (padded batches carry
+    One graph per model shape, dtype, weight layout, batch size and padding layout (padded batches carry
     per-row positions and a key mask); the slot is a tensor, so tokens never recompile. A
     compiler failure (no C++ compiler, say) is reported as a :class:`UserError`. On CUDA the
     returned logits live in the CUDA graph's memory, which the next call overwrites: use them

@@ -38,7 +38,6 @@ DEFAULT_BLOCK_SIZE = 256  # every preset fits prompt + 200 tokens, so neither si
 
 # Our weights' dtype -> the GGUF tensor type llama.cpp decodes in the same row: the nearest 16-bit.
 PEER_OUTTYPES: dict[str, str] = {"fp32": "f32", "bf16": "f16"}
-BATCH_SIZES = (1, 4, 8, 16)  # the batched-decoding table's columns (the server's case)
 
 
 def compare_with_llamacpp(preset: str, *, dtype: str = "fp32", compile_model: bool = False,
@@ -50,7 +49,7 @@ def compare_with_llamacpp(preset: str, *, dtype: str = "fp32", compile_model: bo
     At batch 1: llama.cpp (``dtype``'s GGUF type, :data:`PEER_OUTTYPES`), ours eager (decode
     layout) and, with ``compile_model``, ours with the compiled decode step, all in turn. Past
     batch 1 (``batch_sizes``): ours only, ``len(batch)`` copies of the prompt decoded together,
-    compiled when ``compile_model``. Also records whether our greedy tokens equal llama.cpp's.
+    compiled when ``compile_model``. Also records whether our greedy tokens, each way, equal llama.cpp's.
     """
     llamacpp.import_llama_cpp()
     if compile_model:
@@ -67,19 +66,21 @@ def compare_with_llamacpp(preset: str, *, dtype: str = "fp32", compile_model: bo
     outtype = PEER_OUTTYPES[dtype]
     with llamacpp_generation_fn(ours, prompt, gen_tokens, threads, outtype) as (peer_generate, peer_tokens):
         # Each way decodes with the weights' layout load_for_inference gives it.
-        eager = to_decode_layout(copy.deepcopy(ours).to(DTYPES[dtype]))
-        fns = {"eager": our_generation_fn(eager, prompt, gen_tokens)}
+        models = {"eager": to_decode_layout(copy.deepcopy(ours).to(DTYPES[dtype]))}
         if compile_model:
-            compiled = to_decode_layout(ours.to(DTYPES[dtype]), compiled=True)
-            fns["compiled"] = our_generation_fn(compiled, prompt, gen_tokens, compile_model=True)
-        batched_model = compiled if compile_model else eager
+            models["compiled"] = to_decode_layout(ours.to(DTYPES[dtype]), compiled=True)
+        fns = {way: our_generation_fn(model, prompt, gen_tokens, compile_model=way == "compiled")
+               for way, model in models.items()}
+        batched_model = models["compiled" if compile_model else "eager"]
         for batch in batch_sizes:
             if batch > 1:
                 fns[f"batch {batch}"] = our_generation_fn(batched_model, prompt, gen_tokens,
                                                           compile_model=compile_model, batch_size=batch)
         torch.set_num_threads(threads)
         try:
-            ours_tokens = generate(eager, prompt, max_new_tokens=gen_tokens, temperature=0)
+            same_tokens = {way: generate(model, prompt, max_new_tokens=gen_tokens, temperature=0,
+                                         compile=way == "compiled") == peer_tokens
+                           for way, model in models.items()}
             times = interleaved_median_times([peer_generate, *fns.values()], repeats, 1, torch.device("cpu"))
         finally:
             torch.set_num_threads(previous)
@@ -87,7 +88,7 @@ def compare_with_llamacpp(preset: str, *, dtype: str = "fp32", compile_model: bo
     row: dict[str, Any] = {
         "preset": preset, "dtype": f"{dtype} / {outtype}", "threads": threads, "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens, "parameters": ours.num_parameters(), "peer_tokens_per_s": gen_tokens / peer_time,
-        "same_tokens": ours_tokens == peer_tokens,
+        "same_tokens": all(same_tokens.values()), "same_tokens_by_way": same_tokens,
     }
     for way in ("eager", "compiled"):
         if way in ours_times:

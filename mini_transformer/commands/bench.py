@@ -78,6 +78,9 @@ def run(args, overrides: list[str]) -> int:
     from ..errors import UserError
 
     bench.check_counts(**{name: getattr(args, name) for name in COUNTS})
+    if args.batches and args.compare != "llamacpp":
+        raise UserError("--batches sizes the batched-decoding table of --compare llamacpp; "
+                        "add --compare llamacpp or leave --batches out")
     out = Path(args.out)
     check_can_be_directory(out)  # before minutes of measuring
     decode_profile = args.profile == "decode"
@@ -98,9 +101,6 @@ def run(args, overrides: list[str]) -> int:
         return 0
     if args.compare == "llamacpp":
         return _compare_llamacpp(args, out, machine)
-    if args.batches:
-        raise UserError("--batches sizes the batched-decoding table of --compare llamacpp; "
-                        "add --compare llamacpp or leave --batches out")
     # The table's header comes first and each row as soon as it is measured: a preset can take
     # minutes, and the reader sees what is being measured from the start.
     if args.compare:

@@ -1,11 +1,15 @@
-"""llama.cpp as a peer in ``bench``: our batch-1 greedy decoding against llama.cpp's on the same weights.
+"""llama.cpp as a peer in ``bench``: our greedy decoding against llama.cpp's on the same weights.
 
 The benchmarked model (a preset with ``norm: rmsnorm``, random weights, the model-size table's
-65-character vocabulary) is saved, exported to an f32 GGUF file and loaded in llama.cpp. Both
-then decode the same 8-token prompt for 200 tokens, greedily, in turn (A, B, A, B, ...), with
-the same number of threads: ours with :func:`..benchmark.our_generation_fn` (as ``generate``
-runs), llama.cpp with its own decode loop and greedy sampler (:func:`.llamacpp.greedy`). Each
-llama.cpp run starts from an empty KV-cache, so both pay the prompt's prefill.
+65-character vocabulary) is saved, exported to a GGUF file (f32 against our fp32, f16 against
+our bf16: :data:`PEER_OUTTYPES`) and loaded in llama.cpp. Both then decode the same 8-token
+prompt for 200 tokens, greedily, in turn (A, B, A, B, ...), with the same number of threads:
+ours with :func:`..benchmark.our_generation_fn` (as ``generate`` runs: eager, and compiled when
+asked, each in the weight layout ``load_for_inference`` gives it), llama.cpp with its own decode
+loop and greedy sampler (:func:`.llamacpp.greedy`). Each llama.cpp run starts from an empty
+KV-cache, so both pay the prompt's prefill. Our batched decoding (several copies of the prompt
+at once, the server's case) is timed in the same turns; llama.cpp's batch-1 speed is its
+reference.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def compare_with_llamacpp(preset: str, *, dtype: str = "fp32", compile_model: bo
 
     At batch 1: llama.cpp (``dtype``'s GGUF type, :data:`PEER_OUTTYPES`), ours eager (decode
     layout) and, with ``compile_model``, ours with the compiled decode step, all in turn. Past
-    batch 1 (``batch_sizes``): ours only, ``len(batch)`` copies of the prompt decoded together,
+    batch 1 (``batch_sizes``): ours only, ``batch`` copies of the prompt decoded together,
     compiled when ``compile_model``. Also records whether our greedy tokens, each way, equal llama.cpp's.
     """
     llamacpp.import_llama_cpp()

@@ -1,7 +1,7 @@
 """Memory estimates, and the refusal of a run that cannot fit before anything is allocated.
 
 The estimates are analytic, from the config alone, so no model is built to make them:
-training needs the weights, their gradients, AdamW's two moments and the activations a step
+training needs the weights, their gradients, the optimizer's state and the activations a step
 keeps for its backward pass (the figures of ``mini-transformer profile``); generation needs the
 weights, the RoPE tables and the KV-cache of every sequence generated at once. Each leaves
 out what is small or hard to predict (allocator slack, temporaries), so it is a lower bound: a
@@ -43,8 +43,11 @@ class MemoryEstimate:
 
 
 def estimate_memory(config: ModelConfig, batch_size: int, activation_bytes: int = 4,
-                    gradient_checkpointing: bool = False) -> MemoryEstimate:
-    """Bytes for fp32 weights, gradients, AdamW state (two moments) and saved activations.
+                    gradient_checkpointing: bool = False, optimizer: str = "adamw") -> MemoryEstimate:
+    """Bytes for fp32 weights, gradients, the optimizer's state and saved activations.
+
+    The optimizer's state: AdamW keeps two fp32 moments per parameter; with ``optimizer: muon``
+    the blocks' weight matrices keep one momentum buffer instead, and the rest stays with AdamW.
 
     The activation figure counts the tensors each block keeps for the backward pass (inputs of
     the norms and projections, q/k/v, the attention output, the SwiGLU gate, up and product or
@@ -72,12 +75,22 @@ def estimate_memory(config: ModelConfig, batch_size: int, activation_bytes: int 
         activations = config.n_layers * activation_bytes * B * T * d + per_layer + logits
     else:
         activations = config.n_layers * per_layer + logits
+    muon_matrices = block_matrix_parameters(config) if optimizer == "muon" else 0
     return MemoryEstimate(
         weights=4 * params,
         gradients=4 * params,
-        optimizer=8 * params,
+        optimizer=8 * (params - muon_matrices) + 4 * muon_matrices,
         activations=activations,
     )
+
+
+def block_matrix_parameters(config: ModelConfig) -> int:
+    """The parameters of the blocks' weight matrices (attention's qkv and proj, the feed-forward's):
+    those Muon trains (``training.optim.muon_parameters``)."""
+    d, h = config.d_model, config.hidden_size
+    qkv_out = (config.n_heads + 2 * config.kv_heads) * config.head_dim
+    up = 2 * h if config.activation == "swiglu" else h  # SwiGLU's gate_up holds the gate too
+    return config.n_layers * (d * qkv_out + d * d + d * up + h * d)
 
 
 def kv_cache_bytes(config: ModelConfig, batch_size: int, dtype_bytes: int, max_len: Optional[int] = None) -> int:
@@ -98,12 +111,12 @@ def training_need(config: Config, dtype: torch.dtype, *, shards: int = 1) -> dic
     small), and the parameters' parts divided among ``shards`` FSDP ranks."""
     t = config.training
     estimate = estimate_memory(config.model, t.batch_size, activation_bytes=dtype.itemsize,
-                               gradient_checkpointing=t.gradient_checkpointing)
+                               gradient_checkpointing=t.gradient_checkpointing, optimizer=t.optimizer)
     trains_base = not config.advanced.use_lora
     return {
         "weights": estimate.weights // shards,
         "gradients": estimate.gradients // shards if trains_base else 0,
-        "AdamW state": estimate.optimizer // shards if trains_base else 0,
+        "optimizer state": estimate.optimizer // shards if trains_base else 0,
         "activations": estimate.activations,
     }
 
@@ -112,7 +125,7 @@ def training_fix(config: Config, need: Mapping[str, int], available: int) -> str
     """What to reduce: the model when its parameters' parts alone exceed ``available`` bytes, else
     the part that dominates ``need``."""
     t = config.training
-    parameters = need["weights"] + need["gradients"] + need["AdamW state"]
+    parameters = need["weights"] + need["gradients"] + need["optimizer state"]
     if parameters <= available and need["activations"] >= parameters:
         fix = ("reduce training.batch_size (more training.gradient_accumulation_steps keep the batch per step) "
                "or model.block_size")

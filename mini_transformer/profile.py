@@ -110,7 +110,8 @@ def profile_rows(config: Config, measured: dict | None = None) -> list[tuple[str
     fwd, train = flops_per_token(m)
     batch = config.training.batch_size
     tokens = batch * m.block_size
-    mem = estimate_memory(m, batch, gradient_checkpointing=config.training.gradient_checkpointing)
+    mem = estimate_memory(m, batch, gradient_checkpointing=config.training.gradient_checkpointing,
+                          optimizer=config.training.optimizer)
     attn = "MHA" if m.kv_heads == m.n_heads else ("MQA" if m.kv_heads == 1 else f"GQA ({m.kv_heads} kv heads)")
     ffn = "SwiGLU" if m.activation == "swiglu" else "relu2 MLP"
     options = ", qk-norm" if m.qk_norm else ""
@@ -126,7 +127,7 @@ def profile_rows(config: Config, measured: dict | None = None) -> list[tuple[str
         (f"FLOPs per training step (batch {batch})", human_count(train * tokens)),
         ("memory: weights (fp32)", human_bytes(mem.weights)),
         ("memory: gradients (fp32)", human_bytes(mem.gradients)),
-        ("memory: AdamW state (fp32)", human_bytes(mem.optimizer)),
+        (f"memory: optimizer state ({config.training.optimizer}, fp32)", human_bytes(mem.optimizer)),
         (f"memory: activations, estimate (batch {batch}, fp32)", human_bytes(mem.activations)),
         ("memory: total, estimate", human_bytes(mem.total)),
     ]

@@ -96,10 +96,10 @@ def test_lora_and_fsdp_need_less():
     config.advanced.use_lora = True
     config.training.init_from = "base"
     lora = training_need(config, torch.float32)
-    assert lora["gradients"] == lora["AdamW state"] == 0 and lora["weights"] == full["weights"]
+    assert lora["gradients"] == lora["optimizer state"] == 0 and lora["weights"] == full["weights"]
     config.advanced.use_lora = False
     sharded = training_need(config, torch.float32, shards=4)
-    assert sharded["AdamW state"] == full["AdamW state"] // 4 and sharded["activations"] == full["activations"]
+    assert sharded["optimizer state"] == full["optimizer state"] // 4 and sharded["activations"] == full["activations"]
     assert "LoRA" in training_fix(config, {**full, "activations": 0}, available=GiB)
     # Activations dominate, but the parameters' parts alone do not fit: the model is what to reduce.
     config.training.init_from = None
@@ -162,3 +162,31 @@ def test_available_ram_respects_a_container_limit(tmp_path, monkeypatch):
     assert available_ram() == GiB + GiB // 2
     limit.write_text("max\n")  # no limit: the kernel's figure
     assert available_ram() == 64 * GiB
+
+
+@pytest.mark.parametrize("optimizer, overrides", [
+    ("adamw", []),
+    ("muon", []),
+    ("muon", ["--model.n_kv_heads", "2", "--model.activation", "relu2", "--model.bias", "true",
+              "--model.tie_embeddings", "false"]),
+])
+def test_the_optimizer_state_estimate_is_what_one_step_allocates(optimizer, overrides):
+    """The estimate of the optimizer's state against the state a real step creates (AdamW's two
+    moments, or Muon's momentum for the blocks' matrices and AdamW's for the rest)."""
+    from mini_transformer.model import Transformer
+    from mini_transformer.training.optim import build_optimizer, muon_available
+
+    if optimizer == "muon" and not muon_available():
+        pytest.skip("torch.optim.Muon needs PyTorch >= 2.9")
+    config = load_config(preset="tiny", overrides=["--model.vocab_size", "65", "--training.optimizer", optimizer,
+                                                   *overrides])
+    torch.manual_seed(0)
+    model = Transformer(config.model)
+    opt = build_optimizer(model, config.training, torch.device("cpu"))
+    idx = torch.randint(0, 65, (2, 8))
+    model(idx, idx).loss.backward()
+    opt.step()
+    parts = [opt] if optimizer == "adamw" else [opt.adamw, opt.muon]
+    allocated = sum(t.numel() * t.element_size() for part in parts for state in part.state.values()
+                    for t in state.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
+    assert training_need(config, torch.float32)["optimizer state"] == allocated

@@ -56,7 +56,8 @@ def estimate_memory(config: ModelConfig, batch_size: int, activation_bytes: int 
     masks, and the logits with their fp32 copy for the loss. With gradient checkpointing only
     each block's input is kept, plus the activations of the one block being recomputed.
     """
-    params = count_parameters(config).total
+    counts = count_parameters(config)
+    params = counts.total
     B, T, d, h = batch_size, config.block_size, config.d_model, config.hidden_size
     kv = config.kv_heads * config.head_dim
     ffn = 4 * h if config.activation == "swiglu" else 2 * h  # relu2: the relu and square outputs
@@ -75,22 +76,14 @@ def estimate_memory(config: ModelConfig, batch_size: int, activation_bytes: int 
         activations = config.n_layers * activation_bytes * B * T * d + per_layer + logits
     else:
         activations = config.n_layers * per_layer + logits
-    muon_matrices = block_matrix_parameters(config) if optimizer == "muon" else 0
+    # Muon trains the blocks' matrices (training.optim.muon_parameters); AdamW the rest.
+    muon_matrices = counts.block_matrices if optimizer == "muon" else 0
     return MemoryEstimate(
         weights=4 * params,
         gradients=4 * params,
         optimizer=8 * (params - muon_matrices) + 4 * muon_matrices,
         activations=activations,
     )
-
-
-def block_matrix_parameters(config: ModelConfig) -> int:
-    """The parameters of the blocks' weight matrices (attention's qkv and proj, the feed-forward's):
-    those Muon trains (``training.optim.muon_parameters``)."""
-    d, h = config.d_model, config.hidden_size
-    qkv_out = (config.n_heads + 2 * config.kv_heads) * config.head_dim
-    up = 2 * h if config.activation == "swiglu" else h  # SwiGLU's gate_up holds the gate too
-    return config.n_layers * (d * qkv_out + d * d + d * up + h * d)
 
 
 def kv_cache_bytes(config: ModelConfig, batch_size: int, dtype_bytes: int, max_len: Optional[int] = None) -> int:

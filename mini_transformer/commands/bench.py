@@ -23,7 +23,6 @@ EXAMPLES = """\
 
 # The flags that count something and must be at least 1.
 COUNTS = ("batch_size", "block_size", "steps", "gen_tokens")
-MAX_COMPILED_BATCHES = 8  # torch._dynamo.config.recompile_limit's default: graphs per compiled function
 
 
 def register(subparsers) -> None:
@@ -144,6 +143,8 @@ def finish(out: Path, name: str, table: str, notes: list[str | None], rows: list
 
 
 def _compare_llamacpp(args, out: Path, machine: str) -> int:
+    import torch
+
     from .. import benchmark as bench
     from ..errors import UserError
     from ..interop.gguf.peer import PEER_OUTTYPES, batched_table, compare_with_llamacpp, llamacpp_table
@@ -154,10 +155,11 @@ def _compare_llamacpp(args, out: Path, machine: str) -> int:
     batches = sorted(set(args.batches or [1]) | {1})
     if any(b < 1 for b in batches):
         raise UserError(f"--batches must be positive batch sizes, got {args.batches}; for example --batches 1 4 8 16")
-    if args.compile and len(batches) > MAX_COMPILED_BATCHES:
+    graphs = torch._dynamo.config.recompile_limit  # compiled graphs Dynamo keeps per function
+    if args.compile and len(batches) > graphs:
         # Each batch size is a graph of its own, and past Dynamo's limit per function the step
         # would run eagerly while its column says compiled.
-        raise UserError(f"--compile measures at most {MAX_COMPILED_BATCHES} batch sizes (batch 1 included), "
+        raise UserError(f"--compile measures at most {graphs} batch sizes (batch 1 included), "
                         f"got {len(batches)}; pass fewer --batches")
     dtypes = list(PEER_OUTTYPES) if args.dtype == "auto" else [args.dtype]
     rows = []

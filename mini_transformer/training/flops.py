@@ -35,6 +35,7 @@ class ParameterCount:
     embedding: int
     non_embedding: int
     matmul: int  # weights used in matmuls per token: blocks + LM head
+    block_matrices: int  # the blocks' weight matrices (attention's qkv and proj, the feed-forward's)
 
 
 def count_parameters(config: ModelConfig) -> ParameterCount:
@@ -51,12 +52,13 @@ def count_parameters(config: ModelConfig) -> ParameterCount:
     embedding = V * d
     head = 0 if config.tie_embeddings else V * d
     non_embedding = L * per_layer + norm + head
-    matmul_per_layer = d * qkv_out + d * d + d * up + h * d
+    block_matrices = L * (d * qkv_out + d * d + d * up + h * d)
     return ParameterCount(
         total=embedding + non_embedding,
         embedding=embedding,
         non_embedding=non_embedding,
-        matmul=L * matmul_per_layer + V * d,
+        matmul=block_matrices + V * d,
+        block_matrices=block_matrices,
     )
 
 

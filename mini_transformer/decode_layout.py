@@ -20,8 +20,8 @@ dtypes and devices, and quantized layers, keep their own kernels.
 then writes that product itself, as a loop over the weight's rows split across the threads,
 and fuses it with the norms, RoPE, attention and SiLU around it: the whole decode step of a
 small model becomes one C++ kernel instead of two dozen BLAS calls (which run single-threaded
-at this size) between the fused pieces. Measured (BENCHMARKS.md, "Decoding at llama.cpp's
-pace"): the small preset's compiled step 2-3x faster than with BLAS products. It wants the
+at this size) between the fused pieces. Measured (BENCHMARKS.md, "Levers and what each
+measured"): the small preset's compiled step 2-3x faster than with BLAS products. It wants the
 plain layout (each output's weights contiguous), so a model decoded compiled keeps it:
 ``to_decode_layout(model, compiled=True)``.
 """

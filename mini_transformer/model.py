@@ -255,7 +255,7 @@ class CausalSelfAttention(nn.Module):
         if compiled and q.shape[2] == 1 and not torch.is_grad_enabled():
             # A compiled decode step: Inductor fuses the explicit q k^T, softmax and weights v of
             # one query into the step's own loops; SDPA's CPU kernel stays a separate call that
-            # cost the small preset ~80 us per layer (BENCHMARKS.md, "Decoding at llama.cpp's pace").
+            # cost the small preset ~80 us per layer (BENCHMARKS.md, "Levers and what each measured").
             return True
         if not (q.dtype == torch.bfloat16 and torch.is_grad_enabled()):
             return False
